@@ -1,0 +1,134 @@
+"""The engine facade: a loaded model plus early-exit defaults; turns requests into Generations.
+
+Callers (CLI, server, benchmarks) use only this class and the types in ``octomil.engine.types``.
+It is not thread-safe: iterate every Generation on one engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Any
+
+import mlx.core as mx
+
+from octomil import blas
+from octomil.config import EarlyExitSettings
+from octomil.engine.errors import EngineInputError, PromptTooLongError
+from octomil.engine.exit_policy import ExitPolicy
+from octomil.engine.generation import Generation
+from octomil.engine.layer_loop import FullDepthLoop, LayerLoop
+from octomil.engine.types import GenerationRequest
+from octomil.models.loader import LoadedModel
+from octomil.models.loader import load as load_model
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        early_exit: EarlyExitSettings = EarlyExitSettings(),
+        exit_layers: tuple[int, ...] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.model_id = loaded.name
+        self.total_layers = loaded.num_layers
+        self.context_length = loaded.context_length
+        self.tokenizer = loaded.tokenizer
+        self.exit_layers = exit_layers
+        self.default_early_exit = early_exit
+        self.early_exit_supported = loaded.anatomy is not None
+        if early_exit.enabled and not self.early_exit_supported:
+            log.warning(
+                "early exit is not supported for model family %r; serving at full depth", loaded.family
+            )
+        self._vocab_size = int(self.tokenizer.vocab_size or 0) or len(self.tokenizer)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        early_exit: EarlyExitSettings = EarlyExitSettings(),
+        exit_layers: tuple[int, ...] | None = None,
+    ) -> Engine:
+        return cls(load_model(model, dtype), early_exit, exit_layers)
+
+    @property
+    def selection(self) -> str:
+        """What serves requests, for the ``[engine] Selected: ...`` startup line."""
+        device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+        how = "fastest" if self.loaded.layout.measured else "requested"
+        weights = self.loaded.layout.layout
+        weights = self.loaded.native_layout if weights == "native" else weights
+        return f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
+
+    def policy_for(self, settings: EarlyExitSettings | None) -> ExitPolicy | None:
+        if not self.early_exit_supported:
+            return None
+        return ExitPolicy.from_settings(
+            settings if settings is not None else self.default_early_exit,
+            self.total_layers,
+            self.exit_layers,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise EngineInputError("prompt must be a string", param="prompt")
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Apply the model's chat template (with the assistant generation prompt) and tokenize."""
+        if not messages:
+            raise EngineInputError("messages must contain at least one message", param="messages")
+        for i, m in enumerate(messages):
+            if m.get("role") not in CHAT_ROLES:
+                raise EngineInputError(
+                    f"messages[{i}].role {m.get('role')!r} is not one of {sorted(CHAT_ROLES)}",
+                    param=f"messages.[{i}].role",
+                )
+            if not isinstance(m.get("content"), str):
+                raise EngineInputError(f"messages[{i}].content must be a string", param=f"messages.[{i}].content")
+        if self.tokenizer.chat_template is None:
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        else:
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja raises TemplateError for e.g. non-alternating roles
+                raise EngineInputError(f"chat template rejected the messages: {exc}", param="messages") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Validate the request and return its (not yet started) Generation."""
+        prompt = list(request.prompt_tokens)
+        params = request.sampling
+        if not prompt:
+            raise EngineInputError("the prompt is empty", param="prompt")
+        if params.max_tokens < 1:
+            raise EngineInputError("max_tokens must be at least 1", param="max_tokens")
+        if len(prompt) + params.max_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you "
+                f"requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
+                f"{params.max_tokens} in the completion). Please reduce the prompt or max_tokens."
+            )
+        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
+        if bad:
+            raise EngineInputError(f"prompt token ids out of range: {bad[:5]}", param="prompt")
+        model = self.loaded.model
+        anatomy = self.loaded.anatomy
+        loop = LayerLoop(anatomy, model) if anatomy is not None else FullDepthLoop(model)
+        return Generation(
+            loop,
+            prompt,
+            params,
+            self.policy_for(request.early_exit),
+            self.tokenizer,
+            self.loaded.eos_token_ids,
+            self._vocab_size,
+        )

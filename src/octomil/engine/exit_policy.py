@@ -1,0 +1,64 @@
+"""When a token may leave the layer stack: entropy threshold, minimum depth, checked layers.
+
+Each check evaluates the shared head (final norm + LM head) on the token's hidden state, which on
+the embedded model costs about as much as 6-8 decoder layers (BRIEF). So checks happen only at a
+few *candidate exit layers*, never at every layer, and never at the last layer (the final logits
+are computed there anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from octomil.config import EarlyExitSettings
+
+# Candidate exits spread over [min_layers, total_layers): each one costs a head evaluation.
+DEFAULT_EXIT_POINTS = 3
+
+
+def entropy_nats(logits: mx.array) -> mx.array:
+    """Shannon entropy (nats) of softmax(logits) over the last axis."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -(mx.exp(logp) * logp).sum(axis=-1)
+
+
+def default_exit_layers(total_layers: int, min_layers: int, points: int = DEFAULT_EXIT_POINTS) -> tuple[int, ...]:
+    """``points`` depths evenly spaced from ``min_layers`` up to (not including) the last layer."""
+    last = total_layers - 1
+    if min_layers > last:
+        return ()
+    if points <= 1 or last == min_layers:
+        return (min_layers,)
+    step = (last - min_layers) / (points - 1)
+    return tuple(sorted({round(min_layers + i * step) for i in range(points)}))
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Resolved for one model: exit after layer ``d`` (1-based depth) iff ``d in exit_layers``
+    and the entropy there is at most ``threshold``."""
+
+    threshold: float
+    min_layers: int
+    exit_layers: tuple[int, ...]
+    total_layers: int
+
+    @classmethod
+    def from_settings(
+        cls, settings: EarlyExitSettings, total_layers: int, exit_layers: tuple[int, ...] | None = None
+    ) -> ExitPolicy | None:
+        if not settings.enabled:
+            return None
+        min_layers = settings.min_layers(total_layers)
+        if exit_layers is None:
+            layers = default_exit_layers(total_layers, min_layers)
+        else:
+            layers = tuple(sorted(d for d in set(exit_layers) if min_layers <= d < total_layers))
+        assert settings.threshold is not None
+        return cls(settings.threshold, min_layers, layers, total_layers)
+
+    def checks_after(self, depth: int) -> bool:
+        return depth in self.exit_layers

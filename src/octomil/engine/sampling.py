@@ -1,0 +1,71 @@
+"""Token selection: repetition penalty, temperature, top-k / top-p, seeded sampling, logprobs.
+
+Each request owns its PRNG key (split once per token), so seeded results do not depend on other
+requests decoding on the same engine thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
+
+from octomil.engine.types import SamplingParams
+
+# Tokens of recent context the repetition penalty looks at (mlx-lm's default).
+REPETITION_CONTEXT = 20
+
+
+@dataclass
+class Choice:
+    token: int
+    logprobs: mx.array  # (vocab,) log-softmax of the processed logits, before temperature
+
+
+class Sampler:
+    """Picks one token from the logits of one step, for one request."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.params = params
+        self._key = mx.random.key(seed if params.seed is not None else _entropy_seed())
+        self._penalty = (
+            make_repetition_penalty(params.repetition_penalty, REPETITION_CONTEXT)
+            if params.repetition_penalty != 1.0
+            else None
+        )
+        self._top_k = params.top_k if 0 < params.top_k < vocab_size else 0
+
+    def __call__(self, logits: mx.array, history: list[int]) -> Choice:
+        """``logits`` (1, vocab); ``history`` is prompt + generated token ids so far."""
+        if self._penalty is not None and history:
+            logits = self._penalty(mx.array(history[-REPETITION_CONTEXT:]), logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        p = self.params
+        if p.temperature <= 0.0:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            filtered = logprobs
+            if self._top_k:
+                filtered = apply_top_k(filtered, self._top_k)
+            if 0.0 < p.top_p < 1.0:
+                filtered = apply_top_p(filtered, p.top_p)
+            self._key, sub = mx.random.split(self._key)
+            token = mx.random.categorical(filtered * (1.0 / p.temperature), key=sub)
+        return Choice(int(token.item()), logprobs[0])
+
+
+def _entropy_seed() -> int:
+    import secrets
+
+    return secrets.randbits(62)
+
+
+def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely tokens with their log-probabilities, most likely first."""
+    if k <= 0:
+        return []
+    idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
+    vals = logprobs[idx]
+    pairs = sorted(zip(idx.tolist(), vals.tolist()), key=lambda p: -p[1])
+    return [(int(i), float(v)) for i, v in pairs]

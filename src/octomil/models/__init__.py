@@ -1,0 +1,1 @@
+"""Model loading: alias registry, GGUF reader, weight layout choice, per-family anatomy."""
