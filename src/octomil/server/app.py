@@ -1,0 +1,105 @@
+"""``create_app()``: the FastAPI application factory; the model is loaded by the lifespan.
+
+The app receives an :class:`EngineClient` (whose worker thread loads the model) or builds one from
+a loader. ``/health`` answers 503 until the model is loaded; the ``octomil serve`` CLI waits for
+the load before it starts listening, so the startup lines come out in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import octomil
+from octomil.config import EarlyExitSettings
+from octomil.server import routes_chat, routes_completions, routes_misc
+from octomil.server.engine_client import EngineClient, EngineLike
+from octomil.server.errors import install_error_handlers
+from octomil.server.metrics import ServerMetrics
+from octomil.server.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestMetricsMiddleware,
+)
+from octomil.server.serving import ServeOptions, ServingState
+from octomil.server.telemetry import EarlyExitTotals
+
+logger = logging.getLogger("octomil.server")
+
+
+def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions) -> ServingState:
+    settings: EarlyExitSettings = getattr(engine, "default_early_exit", EarlyExitSettings())
+    metrics = ServerMetrics(engine.model_id, engine.total_layers, settings)
+    client.on_queue_change = metrics.set_queue
+    return ServingState(
+        engine=engine,
+        client=client,
+        metrics=metrics,
+        totals=EarlyExitTotals(engine.total_layers, settings),
+        options=options,
+        default_early_exit=settings,
+    )
+
+
+def create_app(
+    client: EngineClient | None = None,
+    *,
+    loader: Callable[[], EngineLike] | None = None,
+    options: ServeOptions | None = None,
+) -> FastAPI:
+    """Build the app around an engine client, or a ``loader`` run on a new client's worker."""
+    if (client is None) == (loader is None):
+        raise ValueError("pass exactly one of client or loader")
+    options = options or ServeOptions()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal client
+        if client is None:
+            assert loader is not None
+            client = EngineClient(
+                loader, max_concurrency=options.max_concurrency, max_running=options.max_running
+            )
+        app.state.started_at = int(time.time())
+        app.state.serving = None
+        app.state.load_error = None
+
+        async def activate() -> None:
+            assert client is not None
+            try:
+                engine = await client.loaded()
+            except Exception as exc:  # noqa: BLE001 - /health reports it
+                app.state.load_error = str(exc)
+                logger.error("model failed to load: %s", exc)
+                return
+            app.state.serving = build_state(engine, client, options)
+
+        task = asyncio.create_task(activate())
+        try:
+            yield
+        finally:
+            task.cancel()
+            app.state.serving = None
+            client.close()
+
+    app = FastAPI(
+        title="Octomil",
+        version=octomil.__version__,
+        description="OpenAI-compatible LLM server on MLX with entropy-based early exit.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_completions.router)
+    app.include_router(routes_misc.router)
+    # Added last = outermost: metrics see every status, including 401 and 413.
+    if options.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware)
+    return app

@@ -1,0 +1,147 @@
+"""POST /v1/chat/completions: the model's chat template, then the shared serving path."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
+from octomil.server import serving, sse, telemetry
+from octomil.server.errors import APIError
+from octomil.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ErrorResponse,
+    TopLogprob,
+    new_id,
+    now,
+)
+
+router = APIRouter()
+
+_ERRORS = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+
+def _top(lp: TokenLogprob) -> TopLogprob:
+    return TopLogprob(token=lp.text, logprob=lp.logprob, bytes=list(lp.text.encode()))
+
+
+def _token_logprob(event: TokenEvent) -> ChatTokenLogprob | None:
+    if event.logprob is None:
+        return None
+    return ChatTokenLogprob(
+        **_top(event.logprob).model_dump(), top_logprobs=[_top(t) for t in event.top_logprobs]
+    )
+
+
+def _logprobs(events: list[TokenEvent], wanted: bool) -> ChatLogprobs | None:
+    if not wanted:
+        return None
+    return ChatLogprobs(content=[lp for e in events if (lp := _token_logprob(e)) is not None])
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # noqa: ANN201
+    arrival = time.perf_counter()
+    state = serving.get_state(raw)
+    serving.check_model(state, body.model)
+    if body.response_format is not None and body.response_format.type == "json_schema":
+        raise APIError(
+            400,
+            "response_format json_schema is not yet supported (use text or json_object)",
+            param="response_format",
+            code="unsupported_value",
+        )
+    early_exit = serving.early_exit_settings(state, body.early_exit)
+    # "developer" is the newer name of "system"; chat templates know only the latter.
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+    ]
+    prompt = await serving.tokenize(state, state.engine.encode_chat, messages)
+    want_logprobs = bool(body.logprobs)
+    params = serving.sampling_params(
+        state,
+        prompt_len=len(prompt),
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+        logprobs=(body.top_logprobs or 0) if want_logprobs else None,
+        prompt_param="messages",
+    )
+    stream = await serving.start(state, GenerationRequest(tuple(prompt), params, early_exit))
+    request_id, created = new_id("chatcmpl"), now()
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = serving.run(state, stream, arrival=arrival, prompt_tokens=len(prompt))
+
+        def chunk(delta: dict, event: TokenEvent | None = None, finish: str | None = None) -> dict:
+            logprobs = None
+            if want_logprobs and event is not None and (lp := _token_logprob(event)):
+                logprobs = {"content": [lp.model_dump()]}
+            return {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.engine.model_id,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                ],
+            }
+
+        async def chunks():  # noqa: ANN202
+            yield chunk({"role": "assistant", "content": ""})
+            async for event in events:
+                if event.finish_reason is None:
+                    if event.text or (want_logprobs and event.logprob):
+                        yield chunk({"content": event.text}, event)
+                    continue
+                last = chunk({"content": event.text} if event.text else {}, event,
+                             event.finish_reason)
+                last["early_exit"] = telemetry.early_exit_usage(stream.stats).model_dump()
+                yield last
+            if include_usage:
+                yield {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": state.engine.model_id,
+                    "choices": [],
+                    "usage": telemetry.usage(stream.stats, len(prompt)).model_dump(),
+                }
+
+        return sse.response(chunks(), on_close=stream.cancel)
+
+    done = await serving.collect(
+        state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+    )
+    response = ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=state.engine.model_id,
+        choices=[
+            ChatChoice(
+                message=AssistantMessage(content=done.text),
+                logprobs=_logprobs(done.events, want_logprobs),
+                finish_reason=done.finish_reason,
+            )
+        ],
+        usage=telemetry.usage(done.stats, len(prompt)),
+    )
+    headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
+    return JSONResponse(response.model_dump(), headers=headers)

@@ -1,0 +1,140 @@
+"""POST /v1/completions: plain prompt (text or token ids), then the shared serving path."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from octomil.engine.types import GenerationRequest, TokenEvent
+from octomil.server import serving, sse, telemetry
+from octomil.server.errors import APIError
+from octomil.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    new_id,
+    now,
+)
+
+router = APIRouter()
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+
+
+def _logprobs(events: list[TokenEvent], offset: int = 0) -> CompletionLogprobs:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in events:
+        if e.logprob is None:
+            continue
+        tokens.append(e.logprob.text)
+        token_logprobs.append(e.logprob.logprob)
+        top.append({t.text: t.logprob for t in e.top_logprobs})
+        offsets.append(offset)
+        offset += len(e.logprob.text)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets
+    )
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN201
+    arrival = time.perf_counter()
+    state = serving.get_state(raw)
+    serving.check_model(state, body.model)
+    if body.echo:
+        raise APIError(400, "echo is not supported yet", param="echo", code="unsupported_value")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
+    early_exit = serving.early_exit_settings(state, body.early_exit)
+    prompt_in = body.prompt[0] if isinstance(body.prompt, list) and isinstance(
+        body.prompt[0], str) else body.prompt
+    if isinstance(prompt_in, str):
+        prompt = await serving.tokenize(state, state.engine.encode, prompt_in)
+    else:
+        prompt = list(prompt_in)
+        vocab = getattr(state.engine, "vocab_size", None)
+        if any(t < 0 or (vocab is not None and t >= vocab) for t in prompt):
+            raise APIError(400, "prompt token id out of range", param="prompt",
+                           code="invalid_value")
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
+    params = serving.sampling_params(
+        state,
+        prompt_len=len(prompt),
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+        logprobs=body.logprobs,
+        prompt_param="prompt",
+    )
+    stream = await serving.start(state, GenerationRequest(tuple(prompt), params, early_exit))
+    request_id, created = new_id("cmpl"), now()
+    want_logprobs = body.logprobs is not None
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = serving.run(state, stream, arrival=arrival, prompt_tokens=len(prompt))
+
+        def chunk(text: str, event: TokenEvent | None, finish: str | None) -> dict:
+            logprobs = None
+            if want_logprobs and event is not None and event.logprob is not None:
+                logprobs = _logprobs([event]).model_dump()
+            return {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": state.engine.model_id,
+                "choices": [
+                    {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+                ],
+            }
+
+        async def chunks():  # noqa: ANN202
+            async for event in events:
+                if event.finish_reason is None:
+                    if event.text or (want_logprobs and event.logprob):
+                        yield chunk(event.text, event, None)
+                    continue
+                last = chunk(event.text, event, event.finish_reason)
+                last["early_exit"] = telemetry.early_exit_usage(stream.stats).model_dump()
+                yield last
+            if include_usage:
+                yield {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": state.engine.model_id,
+                    "choices": [],
+                    "usage": telemetry.usage(stream.stats, len(prompt)).model_dump(),
+                }
+
+        return sse.response(chunks(), on_close=stream.cancel)
+
+    done = await serving.collect(
+        state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+    )
+    response = CompletionResponse(
+        id=request_id,
+        created=created,
+        model=state.engine.model_id,
+        choices=[
+            CompletionChoice(
+                text=done.text,
+                logprobs=_logprobs(done.events) if want_logprobs else None,
+                finish_reason=done.finish_reason,
+            )
+        ],
+        usage=telemetry.usage(done.stats, len(prompt)),
+    )
+    headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
+    return JSONResponse(response.model_dump(), headers=headers)

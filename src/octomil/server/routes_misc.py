@@ -1,0 +1,52 @@
+"""GET /v1/models, /health, /metrics and /v1/early-exit/stats."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from octomil.server import serving
+from octomil.server.errors import APIError, error_response
+from octomil.server.metrics import CONTENT_TYPE
+from octomil.server.protocol import ErrorResponse, ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}})
+async def list_models(raw: Request) -> ModelList:
+    state = serving.get_state(raw)
+    engine = state.engine
+    card = ModelCard(
+        id=engine.model_id,
+        created=raw.app.state.started_at,
+        total_layers=engine.total_layers,
+        context_length=engine.context_length,
+    )
+    return ModelList(data=[card])
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(raw: Request) -> Response:
+    """200 once the model is loaded and the engine worker runs; 503 before (and after stop)."""
+    if getattr(raw.app.state, "serving", None) is None:
+        err = getattr(raw.app.state, "load_error", None)
+        message = f"model failed to load: {err}" if err else "the model is still loading"
+        return error_response(APIError(503, message, code="model_not_ready"))
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(raw: Request) -> Response:
+    state = serving.get_state(raw)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/early-exit/stats", responses={503: {"model": ErrorResponse}})
+async def early_exit_stats(raw: Request) -> JSONResponse:
+    state = serving.get_state(raw)
+    body = state.totals.as_dict()
+    body["model"] = state.engine.model_id
+    body["requests_waiting"] = state.client.waiting
+    body["requests_running"] = state.client.running
+    return JSONResponse(body)

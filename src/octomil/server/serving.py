@@ -1,0 +1,232 @@
+"""What both completion endpoints share: server state, request -> engine params, running a request.
+
+Routes stay thin: they fetch :class:`ServingState` from ``app.state``, call
+:func:`prepare` to turn the pydantic request into one :class:`GenerationRequest`, then either
+:func:`collect` the whole answer or iterate :func:`run` for streaming.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from octomil.config import EarlyExitSettings, resolve_early_exit
+from octomil.engine.types import GenerationRequest, GenerationStats, SamplingParams, TokenEvent
+from octomil.server.engine_client import (
+    EngineClient,
+    EngineLike,
+    EngineStoppedError,
+    GenerationStream,
+    ServerBusyError,
+)
+from octomil.server.errors import APIError
+from octomil.server.metrics import ServerMetrics
+from octomil.server.protocol import EarlyExitOverride
+from octomil.server.telemetry import EarlyExitTotals
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Server knobs set from the CLI (``octomil serve``)."""
+
+    api_key: str | None = None
+    max_concurrency: int = 8
+    max_running: int = 4
+    telemetry_headers: bool = True
+    # OpenAI has no default cap; on a CPU decoding ~12 tok/s an unbounded default is a trap.
+    default_max_tokens: int = 512
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class ServingState:
+    engine: EngineLike
+    client: EngineClient
+    metrics: ServerMetrics
+    totals: EarlyExitTotals
+    options: ServeOptions
+    default_early_exit: EarlyExitSettings = field(default_factory=EarlyExitSettings)
+
+
+def get_state(request: Request) -> ServingState:
+    """The loaded serving state, or 503 while the model is still loading."""
+    state: ServingState | None = getattr(request.app.state, "serving", None)
+    if state is None:
+        raise APIError(503, "the model is still loading; retry shortly", code="model_not_ready")
+    return state
+
+
+def check_model(state: ServingState, model: str) -> None:
+    if model != state.engine.model_id:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {state.engine.model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def early_exit_settings(
+    state: ServingState, override: bool | EarlyExitOverride | None
+) -> EarlyExitSettings | None:
+    """Per-request ``early_exit`` field -> settings (None keeps the server default)."""
+    if override is None or override is True:
+        return None
+    if override is False:
+        return EarlyExitSettings()
+    if override.speed_quality is not None:
+        return resolve_early_exit(preset=override.speed_quality)
+    threshold = override.threshold
+    if threshold is None:
+        if override.min_layers is None:
+            return None
+        threshold = state.default_early_exit.threshold
+        if threshold is None:
+            raise APIError(
+                400,
+                "early_exit.min_layers needs a threshold or speed_quality "
+                "(early exit is off by default on this server)",
+                param="early_exit.min_layers",
+                code="invalid_value",
+            )
+    return resolve_early_exit(threshold=threshold, min_layers_fraction=override.min_layers)
+
+
+def sampling_params(
+    state: ServingState,
+    *,
+    prompt_len: int,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: str | list[str] | None,
+    logprobs: int | None,
+    prompt_param: str,
+) -> SamplingParams:
+    context = state.engine.context_length
+    if prompt_len >= context:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens, but the prompt has "
+            f"{prompt_len} tokens",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = min(state.options.default_max_tokens, context - prompt_len)
+    elif prompt_len + max_tokens > context:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens; the prompt has "
+            f"{prompt_len} tokens and max_tokens asks for {max_tokens} more "
+            f"(at most {context - prompt_len})",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        # The sampler takes an unsigned 64-bit seed; OpenAI allows negative int64 seeds.
+        seed=None if seed is None else seed % 2**64,
+        stop=tuple(s for s in stops if s),
+        logprobs=logprobs,
+    )
+
+
+async def start(state: ServingState, request: GenerationRequest) -> GenerationStream:
+    """Admit a request to the engine; busy -> 429, shutting down -> 503."""
+    try:
+        return await state.client.generate(request)
+    except ServerBusyError as exc:
+        raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "1"}) from None
+    except EngineStoppedError as exc:
+        raise APIError(503, str(exc), code="shutting_down") from None
+
+
+async def tokenize(state: ServingState, fn, *args) -> list[int]:  # noqa: ANN001
+    try:
+        return list(await state.client.call(fn, *args))
+    except EngineStoppedError as exc:
+        raise APIError(503, str(exc), code="shutting_down") from None
+
+
+async def run(
+    state: ServingState,
+    stream: GenerationStream,
+    *,
+    arrival: float,
+    prompt_tokens: int,
+    http_request: Request | None = None,
+) -> AsyncIterator[TokenEvent]:
+    """Yield token events while recording metrics; cancels on client disconnect.
+
+    The engine's last event (the one with ``finish_reason``) is yielded only after the generation
+    ended, so ``stream.stats`` is final when the caller sees it.
+    """
+    m = state.metrics
+    m.prompt_tokens.inc(prompt_tokens)
+    m.prompt_tokens_per_request.observe(prompt_tokens)
+    state.totals.requests += 1
+    last: float | None = None
+    pending: TokenEvent | None = None
+    finish_reason = "cancelled"
+    try:
+        async for event in stream:
+            now = time.perf_counter()
+            if last is None:
+                m.ttft.observe(now - arrival)
+            else:
+                m.itl.observe(now - last)
+            last = now
+            m.record_token(event)
+            state.totals.record_token(event)
+            if pending is not None:
+                yield pending
+            pending = event
+            if http_request is not None and await http_request.is_disconnected():
+                stream.cancel()
+                return
+        if pending is not None:
+            finish_reason = pending.finish_reason or "stop"
+            yield pending
+    finally:
+        stream.cancel()  # no-op when finished; frees the slot when the consumer went away
+        m.e2e.observe(time.perf_counter() - arrival)
+        m.record_finished(finish_reason)
+
+
+@dataclass
+class Collected:
+    text: str
+    events: list[TokenEvent]
+    finish_reason: str
+    stats: GenerationStats
+
+
+async def collect(
+    state: ServingState,
+    stream: GenerationStream,
+    *,
+    arrival: float,
+    prompt_tokens: int,
+    http_request: Request,
+) -> Collected:
+    events = [
+        e
+        async for e in run(
+            state, stream, arrival=arrival, prompt_tokens=prompt_tokens, http_request=http_request
+        )
+    ]
+    finish = events[-1].finish_reason if events else None
+    return Collected(
+        text="".join(e.text for e in events),
+        events=events,
+        finish_reason=finish or "stop",
+        stats=stream.stats,
+    )

@@ -1,0 +1,65 @@
+"""Server-sent events in OpenAI's framing: ``data: {json}`` per chunk, then ``data: [DONE]``.
+
+A failure after the stream started cannot change the status code any more, so it is sent as one
+``data: {"error": {...}}`` event before ``[DONE]`` (as vLLM does). When the client disconnects,
+sse-starlette cancels the producer; ``on_close`` then cancels the generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sse_starlette.sse import EventSourceResponse
+
+from octomil.config import ConfigError
+from octomil.engine.errors import EngineInputError
+from octomil.server.errors import APIError, error_body
+
+logger = logging.getLogger("octomil.server")
+
+DONE = "[DONE]"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _error_event(exc: BaseException) -> str:
+    if isinstance(exc, APIError):
+        return _dumps(error_body(exc.message, exc.type, exc.param, exc.code))
+    if isinstance(exc, (EngineInputError, ConfigError)):
+        code = getattr(exc, "code", None)
+        return _dumps(error_body(str(exc), "invalid_request_error", exc.param, code))
+    logger.exception("stream failed", exc_info=exc)
+    return _dumps(error_body(f"internal error: {type(exc).__name__}", "internal_server_error"))
+
+
+async def _frames(
+    chunks: AsyncIterator[dict[str, Any]], on_close: Callable[[], None] | None
+) -> AsyncIterator[dict[str, str]]:
+    try:
+        async for chunk in chunks:
+            yield {"data": _dumps(chunk)}
+    except Exception as exc:  # noqa: BLE001 - reported in-band, the status line is gone
+        yield {"data": _error_event(exc)}
+    finally:
+        if on_close is not None:
+            on_close()
+    yield {"data": DONE}
+
+
+def response(
+    chunks: AsyncIterator[dict[str, Any]],
+    *,
+    on_close: Callable[[], None] | None = None,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
+    return EventSourceResponse(
+        _frames(chunks, on_close),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+        sep="\n",
+        ping=15,
+    )
