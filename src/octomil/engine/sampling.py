@@ -28,7 +28,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params
-        self._key = mx.random.key(seed if params.seed is not None else _entropy_seed())
+        self._key = mx.random.key(params.seed if params.seed is not None else _entropy_seed())
         self._penalty = (
             make_repetition_penalty(params.repetition_penalty, REPETITION_CONTEXT)
             if params.repetition_penalty != 1.0

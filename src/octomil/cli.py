@@ -1,0 +1,147 @@
+"""Command line: ``octomil generate`` (one-shot), ``serve`` and ``models`` (registered by the server).
+
+Heavy imports (mlx, the engine) happen inside commands so ``--help`` and ``--version`` are instant.
+User errors end with one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+
+from octomil import __version__
+from octomil.config import ConfigError, SpeedQuality, resolve_early_exit
+
+app = typer.Typer(
+    name="octomil",
+    help="OpenAI-compatible LLM server on MLX with entropy-based early exit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Alias, local model dir / .gguf, or HF repo id (default: embedded)"),
+]
+PresetOpt = Annotated[
+    SpeedQuality | None,
+    typer.Option("--speed-quality", help="Early-exit preset; overrides --early-exit-threshold"),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option("--early-exit-threshold", help="Exit when entropy (nats) <= T, T in [0, 1]"),
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Weight layout: auto|float32|bfloat16|float16|native")
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"octomil {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")
+    ] = False,
+) -> None:
+    """Octomil command line."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="User message (the chat template is applied)")],
+    model: ModelArg = None,
+    speed_quality: PresetOpt = None,
+    early_exit_threshold: ThresholdOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to generate")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
+    dtype: DtypeOpt = "auto",
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Generate one answer and print it with its early-exit statistics."""
+    try:
+        settings = resolve_early_exit(speed_quality, early_exit_threshold)
+    except ConfigError as exc:
+        fail(str(exc))
+    from octomil.engine.engine import Engine
+    from octomil.engine.errors import EngineInputError
+    from octomil.engine.types import GenerationRequest, SamplingParams
+    from octomil.models.errors import ModelNotAvailableError
+
+    try:
+        engine = Engine.load(model, dtype=dtype, early_exit=settings)
+    except (ModelNotAvailableError, ValueError) as exc:
+        fail(str(exc))
+    try:
+        ids = engine.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": prompt}])
+        gen = engine.generate(
+            GenerationRequest(
+                tuple(ids), SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+            )
+        )
+    except EngineInputError as exc:
+        fail(str(exc))
+    if not as_json:
+        typer.echo(f"[engine] Selected: {engine.selection}", err=True)
+        typer.echo(f"[early-exit] {settings.describe()}", err=True)
+    pieces = []
+    for event in gen:
+        pieces.append(event.text)
+        if not as_json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    s = gen.stats
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "text": "".join(pieces),
+                    "early_exit_tokens": s.early_exit_tokens,
+                    "avg_layers_used": round(s.avg_layers_used, 3),
+                    "total_layers": s.total_layers,
+                    "completion_tokens": s.completion_tokens,
+                    "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
+                    "prompt_tokens": s.prompt_tokens,
+                    "time_to_first_token_s": round(s.time_to_first_token_s, 4),
+                    "finish_reason": s.finish_reason,
+                }
+            )
+        )
+        return
+    typer.echo("")
+    typer.echo(
+        f"--\ntokens: {s.completion_tokens} ({s.finish_reason}) | early-exit tokens: "
+        f"{s.early_exit_tokens} ({s.exit_percentage:.1f}%) | avg layers used: "
+        f"{s.avg_layers_used:.1f}/{s.total_layers} | TTFT: {s.time_to_first_token_s:.2f} s | "
+        f"decode: {s.decode_tokens_per_s:.1f} tok/s"
+    )
+
+
+def _register_server_commands() -> None:
+    try:
+        from octomil.server.cli_serve import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_server_commands()
+
+
+if __name__ == "__main__":
+    app()
