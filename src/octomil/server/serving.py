@@ -128,10 +128,14 @@ def sampling_params(
             code="context_length_exceeded",
         )
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    temperature = 1.0 if temperature is None else temperature
+    top_p = 1.0 if top_p is None else top_p
+    if top_p == 0.0:  # an empty nucleus means "the most likely token": greedy
+        temperature, top_p = 0.0, 1.0
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
+        temperature=temperature,
+        top_p=top_p,
         # The sampler takes an unsigned 64-bit seed; OpenAI allows negative int64 seeds.
         seed=None if seed is None else seed % 2**64,
         stop=tuple(s for s in stops if s),
