@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from octomil.config import EarlyExitSettings
+from octomil.models.anatomy import Anatomy
 
 # Candidate exits spread over [min_layers, total_layers): each one costs a head evaluation.
 DEFAULT_EXIT_POINTS = 3
@@ -34,6 +35,13 @@ def default_exit_layers(total_layers: int, min_layers: int, points: int = DEFAUL
         return (min_layers,)
     step = (last - min_layers) / (points - 1)
     return tuple(sorted({round(min_layers + i * step) for i in range(points)}))
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    exit: bool
+    logits: mx.array | None  # (1, vocab) when the head was evaluated; reused for the emitted token
+    entropy: float | None
 
 
 @dataclass(frozen=True)
@@ -62,3 +70,11 @@ class ExitPolicy:
 
     def checks_after(self, depth: int) -> bool:
         return depth in self.exit_layers
+
+    def decide(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> ExitDecision:
+        """Should the token whose hidden state after ``depth`` layers is ``hidden`` (1, D) exit?"""
+        logits = anatomy.logits(hidden)
+        ent = entropy_nats(logits)
+        mx.eval(logits, ent)
+        value = ent.item()
+        return ExitDecision(value <= self.threshold, logits, value)

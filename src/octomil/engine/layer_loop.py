@@ -86,15 +86,15 @@ class LayerLoop:
             h = self.anatomy.layers[i](h, self._mask(h, i), self.cache[i])
             depth = i + 1
             if can_exit and policy.checks_after(depth):
-                logits = self.anatomy.logits(h[:, -1, :])
-                ent = entropy_nats(logits)
-                mx.eval(logits, ent)
-                last_entropy = ent.item()
-                if last_entropy <= policy.threshold:
+                decision = policy.decide(self.anatomy, h[:, -1, :], depth)
+                if decision.entropy is not None:
+                    last_entropy = decision.entropy
+                if decision.exit:
+                    assert decision.logits is not None
                     self.pending = waiting + [
                         PendingRow(pos, h[:, k : k + 1, :], depth) for k, pos in enumerate(rows)
                     ]
-                    return StepResult(logits, depth, last_entropy, exited=True)
+                    return StepResult(decision.logits, depth, last_entropy, exited=True)
         self.pending = []
         logits = self.anatomy.logits(h[:, -1, :])
         if policy is not None:
