@@ -121,13 +121,23 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     model: str
-    prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[
-        list[str], Field(min_length=1, max_length=1)
-    ]
+    prompt: str | list[int] | list[str] = Field(
+        ..., description="Text, or token ids; one prompt per request."
+    )
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
     early_exit: EarlyExitField = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("prompt is empty")
+            if isinstance(value[0], str) and len(value) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+        return value
 
 
 # ---------------------------------------------------------------------------------- responses
