@@ -132,15 +132,19 @@ def generate(
     )
 
 
-def _register_server_commands() -> None:
-    try:
-        from octomil.server.cli_serve import register
-    except ImportError:
-        return
-    register(app)
+def _register_commands() -> None:
+    """Commands that live beside their subsystem (server, calibration), each with ``register(app)``."""
+    import importlib
+
+    for module in ("octomil.server.cli_serve", "octomil.calibrate.cli_calibrate"):
+        try:
+            importlib.import_module(module).register(app)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
 
 
-_register_server_commands()
+_register_commands()
 
 
 if __name__ == "__main__":
