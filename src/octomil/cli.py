@@ -140,7 +140,7 @@ def _register_commands() -> None:
         try:
             importlib.import_module(module).register(app)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name is None or not module.startswith(exc.name):
                 raise
 
 
