@@ -168,12 +168,8 @@ def test_cache_after_exits_matches_full_forward(variant):
     assert mx.allclose(last.logits, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine bounds prompt ids by tokenizer.vocab_size, which excludes added tokens",
-)
 def test_added_special_token_ids_are_valid_prompt_ids(byte_tokenizer):
-    # Pins: a chat prompt holding an added special token (here EOS, id 256 of 320) is rejected.
+    # Regression: ids were bounded by tokenizer.vocab_size, which leaves out added special tokens.
     engine = tiny_engine(make_tiny_model("llama"), byte_tokenizer)
     prompt = (*PROMPT, byte_tokenizer.eos_token_id)
     gen = engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=1)))

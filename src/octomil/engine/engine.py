@@ -46,7 +46,8 @@ class Engine:
             log.warning(
                 "early exit is not supported for model family %r; serving at full depth", loaded.family
             )
-        self._vocab_size = int(self.tokenizer.vocab_size or 0) or len(self.tokenizer)
+        # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
+        self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
 
     @classmethod
     def load(
