@@ -18,8 +18,9 @@ from octomil.engine.types import GenerationRequest, GenerationStats, TokenEvent
 class FakeGeneration:
     def __init__(self, request: GenerationRequest, total_layers: int, delay: float) -> None:
         self.request = request
-        self.stats = GenerationStats(total_layers=total_layers,
-                                     prompt_tokens=len(request.prompt_tokens))
+        self.stats = GenerationStats(
+            total_layers=total_layers, prompt_tokens=len(request.prompt_tokens)
+        )
         self._cancelled = threading.Event()
         self._delay = delay
         self.thread_names: set[str] = set()
@@ -43,8 +44,14 @@ class FakeGeneration:
             self.stats.entropies.append(0.1)
             self.stats.early_exit_tokens += int(early)
             finish = "length" if i == n - 1 else None
-            yield TokenEvent(token_id=i, text=f" t{i}", layers_used=layers, entropy=0.1,
-                             exited_early=early, finish_reason=finish)
+            yield TokenEvent(
+                token_id=i,
+                text=f" t{i}",
+                layers_used=layers,
+                entropy=0.1,
+                exited_early=early,
+                finish_reason=finish,
+            )
         self.stats.finish_reason = "length"
         self.finished = True
 

@@ -17,8 +17,9 @@ from octomil.server.app import create_app
 
 
 def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(octomil_cmd("serve", *args), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        octomil_cmd("serve", *args), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -63,11 +64,23 @@ def test_models_lists_the_embedded_default() -> None:
 
 
 def test_help_lists_serve_options() -> None:
-    proc = subprocess.run(octomil_cmd("serve", "--help"), capture_output=True, text=True,
-                          timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        octomil_cmd("serve", "--help"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0
-    for flag in ("--early-exit-threshold", "--speed-quality", "--api-key", "--max-concurrency",
-                 "--no-telemetry-headers", "--host", "--port"):
+    for flag in (
+        "--early-exit-threshold",
+        "--speed-quality",
+        "--api-key",
+        "--max-concurrency",
+        "--no-telemetry-headers",
+        "--host",
+        "--port",
+    ):
         assert flag in proc.stdout
 
 
@@ -104,8 +117,11 @@ def test_health_is_503_until_the_model_is_loaded() -> None:
                 break
             threading.Event().wait(0.1)
         assert r.status_code == 200
-        r = httpx.post(f"{base}/v1/completions",
-                       json={"model": MODEL, "prompt": "Hello", "max_tokens": 2}, timeout=60)
+        r = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     finally:
         gate.set()

@@ -18,8 +18,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MSG = [{"role": "user", "content": "Hi"}]
 
 
-def _post(server: ServerProcess, path: str, body: object = None, *, content: bytes | None = None,
-          headers: dict | None = None) -> httpx.Response:
+def _post(
+    server: ServerProcess,
+    path: str,
+    body: object = None,
+    *,
+    content: bytes | None = None,
+    headers: dict | None = None,
+) -> httpx.Response:
     return httpx.post(
         f"{server.base_url}{path}",
         json=body if content is None else None,
@@ -69,8 +75,10 @@ def chat(**kw: object) -> dict:
         (chat(early_exit={"speed_quality": "ludicrous"}), "early_exit.speed_quality"),
         (chat(early_exit={"bogus": 1}), "early_exit.bogus"),
         (chat(early_exit="yes please"), "early_exit"),
-        (chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-         "response_format"),
+        (
+            chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format",
+        ),
         (chat(frequency_penalty=0.5), "frequency_penalty"),
         (chat(seed=2**70), "seed"),
     ],
@@ -119,14 +127,12 @@ def test_unknown_route_is_404_in_error_shape(server: ServerProcess) -> None:
 
 def test_prompt_longer_than_context_is_400(server: ServerProcess) -> None:
     long_text = "word " * 9000  # > 8192 tokens
-    err = _error(
-        _post(server, "/v1/chat/completions", chat(messages=[{"role": "user", "content": long_text}])),
-        400,
-        "messages",
-    )
+    body = chat(messages=[{"role": "user", "content": long_text}])
+    err = _error(_post(server, "/v1/chat/completions", body), 400, "messages")
     assert err["code"] == "context_length_exceeded"
-    err = _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": long_text}), 400,
-                 "prompt")
+    err = _error(
+        _post(server, "/v1/completions", {"model": MODEL, "prompt": long_text}), 400, "prompt"
+    )
     assert err["code"] == "context_length_exceeded"
 
 
@@ -141,8 +147,12 @@ def test_oversize_chunked_body_is_413(server: ServerProcess) -> None:
         for _ in range(6):
             yield b"a" * (1024 * 1024)
 
-    r = httpx.post(f"{server.base_url}/v1/completions", content=chunks(),
-                   headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    r = httpx.post(
+        f"{server.base_url}/v1/completions",
+        content=chunks(),
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
     _error(r, 413)
 
 
@@ -152,8 +162,13 @@ def test_oversize_chunked_body_is_413(server: ServerProcess) -> None:
 )
 def test_missing_or_wrong_api_key_is_401(server: ServerProcess, headers: dict) -> None:
     for path in ("/v1/chat/completions", "/v1/models"):
-        r = httpx.request("POST" if "chat" in path else "GET", f"{server.base_url}{path}",
-                          json=chat(), headers=headers, timeout=30)
+        r = httpx.request(
+            "POST" if "chat" in path else "GET",
+            f"{server.base_url}{path}",
+            json=chat(),
+            headers=headers,
+            timeout=30,
+        )
         err = _error(r, 401)
         assert err["type"] == "authentication_error"
     # Health and metrics stay open for probes and Prometheus.
@@ -173,9 +188,13 @@ def test_over_max_concurrency_is_429_then_recovers(server: ServerProcess) -> Non
     result: dict = {}
 
     def long_stream() -> None:
-        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions",
-                          json=chat(max_tokens=24, stream=True), headers=AUTH,
-                          timeout=120) as r:
+        with httpx.stream(
+            "POST",
+            f"{server.base_url}/v1/chat/completions",
+            json=chat(max_tokens=24, stream=True),
+            headers=AUTH,
+            timeout=120,
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     started.set()

@@ -71,10 +71,15 @@ def test_dashboard_has_the_expected_panels(dashboard: dict) -> None:
     for title, kind in expected.items():
         assert by_title[title]["type"] == kind, title
     avg = by_title["Average layers used per token"]["targets"][0]["expr"]
-    assert re.search(r"rate\(octomil_layers_used_per_token_sum\{.*\}\[1m\]\)\) / "
-                     r"sum\(rate\(octomil_layers_used_per_token_count", avg)
-    assert "octomil_early_exit_tokens_total" in by_title["Early-exit token share"]["targets"][0][
-        "expr"]
+    assert re.search(
+        r"rate\(octomil_layers_used_per_token_sum\{.*\}\[1m\]\)\) / "
+        r"sum\(rate\(octomil_layers_used_per_token_count",
+        avg,
+    )
+    assert (
+        "octomil_early_exit_tokens_total"
+        in by_title["Early-exit token share"]["targets"][0]["expr"]
+    )
     heat = by_title["Exit depth heatmap (layers used per token)"]["targets"][0]
     assert heat["format"] == "heatmap" and "octomil_layers_used_per_token_bucket" in heat["expr"]
     ttft = [t["expr"] for t in by_title["Time to first token (p50/p90/p99)"]["targets"]]
@@ -102,8 +107,9 @@ def test_compose_wires_octomil_prometheus_and_grafana() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"octomil", "prometheus", "grafana"}
-    assert "--host" in services["octomil"]["command"] and "0.0.0.0" in services["octomil"][
-        "command"]
+    assert (
+        "--host" in services["octomil"]["command"] and "0.0.0.0" in services["octomil"]["command"]
+    )
     for volume in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
         source = volume.split(":")[0]
         assert (ROOT / source).exists(), source

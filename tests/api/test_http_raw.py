@@ -67,17 +67,24 @@ def test_httpx_headers_consistent_with_usage(server: ServerProcess) -> None:
 def test_curl_completion_headers_match_body(server: ServerProcess) -> None:
     out = subprocess.run(
         [
-            "curl", "-sS", "-D", "-", f"{server.base_url}/v1/completions",
-            "-H", "Content-Type: application/json",
-            "-d", json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5}),
+            "curl",
+            "-sS",
+            "-D",
+            "-",
+            f"{server.base_url}/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5}),
         ],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     head, _, body = out.partition("\n\n")  # text mode turned \r\n into \n
     assert head.startswith("HTTP/1.1 200")
-    headers = httpx.Headers(
-        [tuple(h.split(": ", 1)) for h in head.splitlines()[1:] if ": " in h]
-    )
+    headers = httpx.Headers([tuple(h.split(": ", 1)) for h in head.splitlines()[1:] if ": " in h])
     usage = json.loads(body)["usage"]
     _check_headers_match_usage(headers, usage)
     assert usage["completion_tokens"] <= 5
@@ -86,13 +93,20 @@ def test_curl_completion_headers_match_body(server: ServerProcess) -> None:
 def test_curl_streaming_ends_with_done(server: ServerProcess) -> None:
     out = subprocess.run(
         [
-            "curl", "-sN", f"{server.base_url}/v1/chat/completions",
-            "-H", "Content-Type: application/json",
-            "-d", json.dumps({**CHAT, "stream": True, "max_tokens": 4}),
+            "curl",
+            "-sN",
+            f"{server.base_url}/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({**CHAT, "stream": True, "max_tokens": 4}),
         ],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
-    events = [line[len("data: "):] for line in out.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in out.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)

@@ -31,7 +31,10 @@ def test_models_list(client: openai.OpenAI) -> None:
 
 def test_chat_non_streaming_greedy(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
         extra_body={"early_exit": False},
     )
     choice = r.choices[0]
@@ -60,7 +63,11 @@ def test_chat_length_finish_and_usage_exact(client: openai.OpenAI) -> None:
 
 def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, stream=True,
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -76,20 +83,26 @@ def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
     _check_early_exit(ee_final, usage.completion_tokens)
     assert usage.completion_tokens <= 6
     # Same greedy answer as non-streaming.
-    ref = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6,
-                                         temperature=0)
+    ref = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0
+    )
     assert text == ref.choices[0].message.content
 
 
 def test_completions_non_streaming_and_streaming(client: openai.OpenAI) -> None:
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
-                                  temperature=0)
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
     assert r.object == "text_completion"
     assert r.choices[0].text
     assert r.usage.completion_tokens <= 5
     _check_early_exit(r.usage.model_extra["early_exit"], r.usage.completion_tokens)
     stream = client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True,
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=5,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -106,31 +119,39 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_logprobs_chat_and_completions(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for tok in content:
         assert tok.logprob <= 0 and len(tok.top_logprobs) == 2
         # Greedy: the chosen token is the most likely one.
         assert tok.logprob == pytest.approx(tok.top_logprobs[0].logprob, abs=1e-4)
-    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
-                                  logprobs=1)
+    c = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=3, temperature=0, logprobs=1
+    )
     assert len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
     assert all(len(t) <= 1 for t in c.choices[0].logprobs.top_logprobs)
 
 
 def test_stop_sequence(client: openai.OpenAI) -> None:
-    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
-                                  temperature=0, stop=[" 7"])
+    r = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 7"]
+    )
     assert " 7" not in r.choices[0].text
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_per_request_early_exit_presets(client: openai.OpenAI) -> None:
     for override in ({"speed_quality": "fast"}, {"threshold": 0.2}, True):
-        r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
-                                           temperature=0, extra_body={"early_exit": override})
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=3,
+            temperature=0,
+            extra_body={"early_exit": override},
+        )
         _check_early_exit(r.usage.model_extra["early_exit"], r.usage.completion_tokens)
 
 

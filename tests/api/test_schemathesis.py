@@ -13,8 +13,7 @@ from conftest import MODEL, ServerProcess
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
-SERVER_ARGS = ("--speed-quality", "balanced", "--default-max-tokens", "2",
-               "--max-concurrency", "4")
+SERVER_ARGS = ("--speed-quality", "balanced", "--default-max-tokens", "2", "--max-concurrency", "4")
 MAX_EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 30}
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
@@ -44,17 +43,23 @@ def _operations(schema: schemathesis.BaseSchema) -> list:
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_server_errors(server: ServerProcess, schema: schemathesis.BaseSchema,
-                          mode: GenerationMode) -> None:
+def test_no_server_errors(
+    server: ServerProcess, schema: schemathesis.BaseSchema, mode: GenerationMode
+) -> None:
     failures: list[str] = []
     statuses: dict[int, int] = {}
     for op in _operations(schema):
         if mode is GenerationMode.NEGATIVE and not list(op.body):
             continue  # nothing to make invalid in a GET without parameters
 
-        @settings(max_examples=MAX_EXAMPLES[mode], deadline=None, database=None,
-                  derandomize=True, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=MAX_EXAMPLES[mode],
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=op.as_strategy(generation_mode=mode))
         def check(case: schemathesis.Case) -> None:
             _adjust(case.body, mode)

@@ -46,18 +46,24 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(
     model: Annotated[
         str | None,
-        typer.Argument(help="Model alias (see `octomil models`), local path or HF repo id. "
-                       "Default: the embedded SmolLM2-135M-Instruct."),
+        typer.Argument(
+            help="Model alias (see `octomil models`), local path or HF repo id. "
+            "Default: the embedded SmolLM2-135M-Instruct."
+        ),
     ] = None,
     early_exit_threshold: Annotated[
         float | None,
-        typer.Option(help="Entropy threshold in [0, 1] (nats); enables early exit.",
-                     envvar="OCTOMIL_EARLY_EXIT_THRESHOLD"),
+        typer.Option(
+            help="Entropy threshold in [0, 1] (nats); enables early exit.",
+            envvar="OCTOMIL_EARLY_EXIT_THRESHOLD",
+        ),
     ] = None,
     speed_quality: Annotated[
         str | None,
-        typer.Option(help=f"Preset ({_PRESETS}); overrides --early-exit-threshold.",
-                     envvar="OCTOMIL_SPEED_QUALITY"),
+        typer.Option(
+            help=f"Preset ({_PRESETS}); overrides --early-exit-threshold.",
+            envvar="OCTOMIL_SPEED_QUALITY",
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.", envvar="OCTOMIL_HOST")] = (
         "127.0.0.1"
@@ -65,12 +71,16 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.", envvar="OCTOMIL_PORT")] = 8080,
     api_key: Annotated[
         str | None,
-        typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.",
-                     envvar="OCTOMIL_API_KEY"),
+        typer.Option(
+            help="Require 'Authorization: Bearer KEY' on /v1/*.", envvar="OCTOMIL_API_KEY"
+        ),
     ] = None,
     max_concurrency: Annotated[
-        int, typer.Option(help="Requests waiting or running at once; more get HTTP 429.",
-                          envvar="OCTOMIL_MAX_CONCURRENCY")
+        int,
+        typer.Option(
+            help="Requests waiting or running at once; more get HTTP 429.",
+            envvar="OCTOMIL_MAX_CONCURRENCY",
+        ),
     ] = 8,
     max_running: Annotated[
         int, typer.Option(help="Generations stepped in turn on the engine thread.")
@@ -79,8 +89,11 @@ def serve(
         int, typer.Option(help="max_tokens when a request does not set one.")
     ] = 512,
     telemetry_headers: Annotated[
-        bool, typer.Option("--telemetry-headers/--no-telemetry-headers",
-                           help="Send X-Octomil-* early-exit headers.")
+        bool,
+        typer.Option(
+            "--telemetry-headers/--no-telemetry-headers",
+            help="Send X-Octomil-* early-exit headers.",
+        ),
     ] = True,
     dtype: Annotated[str, typer.Option(help="Weight dtype: auto, float32, float16, ...")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -96,8 +109,20 @@ def serve(
         _fail("--max-concurrency, --max-running and --default-max-tokens must be >= 1")
     sock = _bind(host, port)
     try:
-        _run(model, settings, sock, host, port, api_key, max_concurrency, max_running,
-             default_max_tokens, telemetry_headers, dtype, log_level)
+        _run(
+            model,
+            settings,
+            sock,
+            host,
+            port,
+            api_key,
+            max_concurrency,
+            max_running,
+            default_max_tokens,
+            telemetry_headers,
+            dtype,
+            log_level,
+        )
     finally:
         sock.close()
 

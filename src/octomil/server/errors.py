@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from octomil.config import ConfigError
 from octomil.engine.errors import EngineInputError
+from octomil.server.engine_client import EngineStoppedError
 
 logger = logging.getLogger("octomil.server")
 
@@ -125,6 +126,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _config(_: Request, exc: ConfigError) -> JSONResponse:
         param = f"early_exit.{exc.param}" if exc.param else "early_exit"
         return error_response(APIError(400, str(exc), param=param, code="invalid_value"))
+
+    @app.exception_handler(EngineStoppedError)
+    async def _stopped(_: Request, exc: EngineStoppedError) -> JSONResponse:
+        return error_response(APIError(503, str(exc), code="shutting_down"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

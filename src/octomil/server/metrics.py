@@ -1,4 +1,4 @@
-"""Prometheus metrics: names prefixed ``octomil_``, unit-suffixed, explicit buckets, ``model`` label.
+"""Prometheus metrics: prefixed ``octomil_``, unit-suffixed, explicit buckets, a ``model`` label.
 
 Each app owns its own ``CollectorRegistry`` (several apps can live in one test process).
 Average layers used over time is ``rate(octomil_layers_used_per_token_sum[1m]) /
@@ -42,8 +42,10 @@ class ServerMetrics:
         r = self.registry
         m = ["model"]
         self.requests = Counter(
-            "octomil_requests", "HTTP requests by endpoint and status code.",
-            [*m, "endpoint", "status"], registry=r,
+            "octomil_requests",
+            "HTTP requests by endpoint and status code.",
+            [*m, "endpoint", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "octomil_prompt_tokens", "Prompt tokens processed.", m, registry=r
@@ -52,27 +54,43 @@ class ServerMetrics:
             "octomil_generation_tokens", "Tokens generated.", m, registry=r
         ).labels(model)
         self.request_finished = Counter(
-            "octomil_request_finished", "Finished generations by finish reason.",
-            [*m, "finish_reason"], registry=r,
+            "octomil_request_finished",
+            "Finished generations by finish reason.",
+            [*m, "finish_reason"],
+            registry=r,
         )
         self.ttft = Histogram(
-            "octomil_time_to_first_token_seconds", "Time from request arrival to first token.",
-            m, buckets=TTFT_BUCKETS, registry=r,
+            "octomil_time_to_first_token_seconds",
+            "Time from request arrival to first token.",
+            m,
+            buckets=TTFT_BUCKETS,
+            registry=r,
         ).labels(model)
         self.itl = Histogram(
-            "octomil_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-            m, buckets=ITL_BUCKETS, registry=r,
+            "octomil_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            m,
+            buckets=ITL_BUCKETS,
+            registry=r,
         ).labels(model)
         self.e2e = Histogram(
-            "octomil_e2e_request_latency_seconds", "Time from request arrival to last token.",
-            m, buckets=E2E_BUCKETS, registry=r,
+            "octomil_e2e_request_latency_seconds",
+            "Time from request arrival to last token.",
+            m,
+            buckets=E2E_BUCKETS,
+            registry=r,
         ).labels(model)
         self.prompt_tokens_per_request = Histogram(
-            "octomil_request_prompt_tokens", "Prompt length of each request (tokens).",
-            m, buckets=TOKEN_COUNT_BUCKETS, registry=r,
+            "octomil_request_prompt_tokens",
+            "Prompt length of each request (tokens).",
+            m,
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
         ).labels(model)
         self.waiting = Gauge(
-            "octomil_requests_waiting", "Requests admitted and waiting for the engine.", m,
+            "octomil_requests_waiting",
+            "Requests admitted and waiting for the engine.",
+            m,
             registry=r,
         ).labels(model)
         self.running = Gauge(
@@ -82,24 +100,32 @@ class ServerMetrics:
             "octomil_early_exit_tokens", "Tokens that left the layer stack early.", m, registry=r
         ).labels(model)
         self.layers_used = Histogram(
-            "octomil_layers_used_per_token", "Decoder layers each generated token passed through.",
-            m, buckets=tuple(range(1, total_layers + 1)), registry=r,
+            "octomil_layers_used_per_token",
+            "Decoder layers each generated token passed through.",
+            m,
+            buckets=tuple(range(1, total_layers + 1)),
+            registry=r,
         ).labels(model)
         self._exit_layer = Counter(
-            "octomil_exit_layer", "Early-exited tokens by the layer they left at (1-based).",
-            [*m, "layer"], registry=r,
+            "octomil_exit_layer",
+            "Early-exited tokens by the layer they left at (1-based).",
+            [*m, "layer"],
+            registry=r,
         )
         self.threshold = Gauge(
             "octomil_early_exit_threshold",
             "Configured default entropy threshold (nats); 0 with octomil_early_exit_enabled 0.",
-            m, registry=r,
+            m,
+            registry=r,
         ).labels(model)
         self.enabled = Gauge(
             "octomil_early_exit_enabled", "1 when early exit is on by default.", m, registry=r
         ).labels(model)
         self.min_layers = Gauge(
-            "octomil_early_exit_min_layers", "Fewest layers a token passes before it may exit.",
-            m, registry=r,
+            "octomil_early_exit_min_layers",
+            "Fewest layers a token passes before it may exit.",
+            m,
+            registry=r,
         ).labels(model)
         self.total_layers = Gauge(
             "octomil_total_layers", "Decoder layers in the served model.", m, registry=r

@@ -123,8 +123,12 @@ class APIKeyMiddleware:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         elif not hmac.compare_digest(token.strip(), self.api_key):
-            err = APIError(401, "incorrect API key provided", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            err = APIError(
+                401,
+                "incorrect API key provided",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         else:
             await self.app(scope, receive, send)
             return

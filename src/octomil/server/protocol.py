@@ -44,7 +44,7 @@ EarlyExitField = Annotated[
     bool | EarlyExitOverride | None,
     Field(
         description="Octomil extra: false for full depth, true for the server default, or an "
-        "object such as {\"threshold\": 0.2} or {\"speed_quality\": \"fast\"}."
+        'object such as {"threshold": 0.2} or {"speed_quality": "fast"}.'
     ),
 ]
 

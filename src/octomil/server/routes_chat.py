@@ -25,9 +25,7 @@ from octomil.server.protocol import (
 
 router = APIRouter()
 
-_ERRORS = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
 
 
 def _top(lp: TokenLogprob) -> TopLogprob:
@@ -111,8 +109,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
                     if event.text or (want_logprobs and event.logprob):
                         yield chunk({"content": event.text}, event)
                     continue
-                last = chunk({"content": event.text} if event.text else {}, event,
-                             event.finish_reason)
+                last = chunk(
+                    {"content": event.text} if event.text else {}, event, event.finish_reason
+                )
                 last["early_exit"] = telemetry.early_exit_usage(stream.stats).model_dump()
                 yield last
             if include_usage:

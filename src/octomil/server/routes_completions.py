@@ -54,8 +54,11 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
     early_exit = serving.early_exit_settings(state, body.early_exit)
-    prompt_in = body.prompt[0] if isinstance(body.prompt, list) and isinstance(
-        body.prompt[0], str) else body.prompt
+    prompt_in = (
+        body.prompt[0]
+        if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
+        else body.prompt
+    )
     if isinstance(prompt_in, str):
         prompt = await serving.tokenize(state, state.engine.encode, prompt_in)
     else:

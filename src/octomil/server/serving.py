@@ -170,8 +170,8 @@ async def run(
 ) -> AsyncIterator[TokenEvent]:
     """Yield token events while recording metrics; cancels on client disconnect.
 
-    The engine's last event (the one with ``finish_reason``) is yielded only after the generation
-    ended, so ``stream.stats`` is final when the caller sees it.
+    Tokens are yielded as they arrive; the engine's last event (the one with ``finish_reason``)
+    only after the generation ended, so ``stream.stats`` is final when the caller sees it.
     """
     m = state.metrics
     m.prompt_tokens.inc(prompt_tokens)
@@ -190,9 +190,10 @@ async def run(
             last = now
             m.record_token(event)
             state.totals.record_token(event)
-            if pending is not None:
-                yield pending
-            pending = event
+            if event.finish_reason is not None:
+                pending = event  # held until the generation ended: its stats are final then
+                continue
+            yield event
             if http_request is not None and await http_request.is_disconnected():
                 stream.cancel()
                 return
