@@ -124,3 +124,27 @@ def test_loader_failure_is_reported() -> None:
         client.close()
 
     asyncio.run(main())
+
+
+def test_streamed_tokens_are_not_held_back_by_one() -> None:
+    """Regression: serving.run() once delayed every token until the next arrived (TTFT + 1 ITL)."""
+    from octomil.server.app import build_state
+    from octomil.server.serving import ServeOptions, run
+
+    engine = FakeEngine(delay=0.15)
+
+    async def main() -> None:
+        client = EngineClient(lambda: engine)
+        try:
+            await client.loaded()
+            state = build_state(engine, client, ServeOptions())
+            stream = await client.generate(_req(3))
+            seen = []
+            async for event in run(state, stream, arrival=0.0, prompt_tokens=3):
+                # When token i reaches us the engine has not produced token i + 1 yet.
+                seen.append((event.token_id, engine.generations[0].stats.completion_tokens))
+            assert seen == [(0, 1), (1, 2), (2, 3)]
+        finally:
+            client.close()
+
+    asyncio.run(main())
