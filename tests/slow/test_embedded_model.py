@@ -31,6 +31,22 @@ def engine():
     return Engine.load()
 
 
+@pytest.fixture(scope="module")
+def stock_model(engine):
+    """The same GGUF weights in stock mlx-lm modules (fp32, nn.Linear): what mlx_lm.generate runs."""
+    from pathlib import Path
+
+    from mlx_lm.utils import dequantize_model
+
+    from octomil.models.gguf import load_gguf
+
+    model, _, _ = load_gguf(Path(engine.loaded.source))
+    dequantize_model(model)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
 def octomil_tokens(engine, ids, n, settings=None):
     gen = engine.generate(
         GenerationRequest(tuple(ids), SamplingParams(max_tokens=n, ignore_eos=True), settings)
@@ -53,10 +69,10 @@ def test_chat_markers_are_single_control_tokens(engine):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_full_depth_greedy_equals_stock_mlx_lm(engine, prompt):
+def test_full_depth_greedy_equals_stock_mlx_lm(engine, stock_model, prompt):
     ids = engine.encode_chat([{"role": "user", "content": prompt}])
     ours, stats = octomil_tokens(engine, ids, 32)
-    stock = [int(t) for t, _ in generate_step(mx.array(ids), engine.loaded.model, max_tokens=32)]
+    stock = [int(t) for t, _ in generate_step(mx.array(ids), stock_model, max_tokens=32)]
     assert ours == stock
     assert stats.avg_layers_used == 30 and stats.early_exit_tokens == 0
 
@@ -89,7 +105,7 @@ def test_exits_keep_the_real_models_cache_exact(engine):
         policy = None if depth is None else ExitPolicy(math.inf, 1, (depth,), 30)
         loop.decode(token, policy)
     got = loop.decode(forced[-1], None).logits[0]
-    want = model(mx.array([ids + forced]))[0, -1]
+    want = model(mx.array([ids + forced]))[0, -1]  # one full-depth forward pass, no cache
     assert mx.allclose(got, want, atol=1e-3, rtol=1e-3)
     assert int(mx.argmax(got).item()) == int(mx.argmax(want).item())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +20,8 @@ LAYOUT_CHOICES = ("auto", "native", *DTYPES)
 # A layout that rounds the weights must be this much faster than the best exact one to be chosen:
 # timings under load are noisy, and precision should not be traded for noise.
 LOSSY_MARGIN = 1.25
+# (in, out) storage is adopted when its matvec takes less than this share of the (out, in) one.
+STORAGE_MARGIN = 0.95
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,20 @@ class LayoutChoice:
     layout: str  # "native" or a dtype name
     timings_ms: dict[str, float]  # per candidate, one decode-shaped matvec
     measured: bool
+    transposed: bool = False  # float weights stored (in, out); see octomil.models.transposed
+    storage_ms: tuple[float, float] | None = None  # matvec ms with (out, in) vs (in, out) storage
 
     def describe(self, native: str) -> str:
         what = native if self.layout == "native" else self.layout
+        if self.transposed:
+            what += " (in, out)"
         if not self.measured:
             return f"{what} (requested)"
         times = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.timings_ms.items(), key=lambda kv: kv[1]))
-        return f"{what} (measured per-token matvec: {times})"
+        text = f"{what} (measured per-token matvec: {times}"
+        if self.storage_ms:
+            text += f"; storage (out, in) {self.storage_ms[0]:.2f} ms vs (in, out) {self.storage_ms[1]:.2f} ms"
+        return text + ")"
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -96,7 +105,21 @@ def measure_layouts(model: nn.Module) -> dict[str, float]:
     return _time_interleaved(fns)
 
 
+def measure_storage(model: nn.Module) -> tuple[float, float] | None:
+    """Milliseconds of one token through the largest float projection: (out, in) vs (in, out)."""
+    proj = _largest_projection(model.model.layers[0])
+    if not isinstance(proj, nn.Linear):
+        return None
+    w = proj.weight
+    wt = mx.contiguous(w.T)
+    x = mx.random.normal((1, 1, w.shape[1])).astype(w.dtype)
+    mx.eval(wt, x)
+    t = _time_interleaved({"out_in": lambda: x @ w.T, "in_out": lambda: x @ wt})
+    return t["out_in"], t["in_out"]
+
+
 def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
+    """Pick (and measure) the layout; converting happens in :func:`apply_layout`."""
     if requested not in LAYOUT_CHOICES:
         raise ValueError(f"--dtype must be one of {', '.join(LAYOUT_CHOICES)}, got {requested!r}")
     if requested != "auto":
@@ -116,13 +139,22 @@ def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
     return LayoutChoice(best, timings, measured=True)
 
 
-def apply_layout(model: nn.Module, layout: str) -> None:
-    """Convert ``model`` in place to ``layout`` ("native" leaves it untouched)."""
-    if layout == "native":
-        return
-    from mlx_lm.utils import dequantize_model
+def apply_layout(model: nn.Module, choice: LayoutChoice) -> LayoutChoice:
+    """Convert ``model`` in place; then store float weights (in, out) if measured faster.
 
-    if is_quantized(model):
-        dequantize_model(model)
-    model.set_dtype(DTYPES[layout])
-    mx.eval(model.parameters())
+    Returns the choice with the storage decision filled in.
+    """
+    if choice.layout != "native":
+        from mlx_lm.utils import dequantize_model
+
+        if is_quantized(model):
+            dequantize_model(model)
+        model.set_dtype(DTYPES[choice.layout])
+        mx.eval(model.parameters())
+    storage = measure_storage(model)
+    if storage is None or storage[1] >= STORAGE_MARGIN * storage[0]:
+        return replace(choice, storage_ms=storage)
+    from octomil.models.transposed import transpose_for_decode
+
+    transpose_for_decode(model)
+    return replace(choice, transposed=True, storage_ms=storage)

@@ -91,8 +91,7 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
         raise ModelNotAvailableError(f"could not load model {spec.name!r} from {source}: {exc}") from None
 
     native = native_description(model)
-    layout = choose_layout(model, dtype)
-    apply_layout(model, layout.layout)
+    layout = apply_layout(model, choose_layout(model, dtype))
     context = int(
         config.get("max_position_embeddings") or getattr(model.args, "max_position_embeddings", 0) or 4096
     )
