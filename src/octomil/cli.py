@@ -35,9 +35,30 @@ ThresholdOpt = Annotated[
     float | None,
     typer.Option("--early-exit-threshold", help="Exit when entropy (nats) <= T, T in [0, 1]"),
 ]
+ExitLayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--exit-layers",
+        help="Comma-separated depths (1-based) where exits are checked, e.g. 15,22,29 (default: 3 points "
+        "from the minimum depth to the penultimate layer)",
+    ),
+]
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="Weight layout: auto|float32|bfloat16|float16|native")
 ]
+
+
+def parse_exit_layers(text: str | None) -> tuple[int, ...] | None:
+    """``"15,22,29"`` -> ``(15, 22, 29)``; None stays None (engine default)."""
+    if text is None:
+        return None
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--exit-layers must be comma-separated integers, got {text!r}") from None
+    if not layers or min(layers) < 1:
+        raise ConfigError(f"--exit-layers must list depths >= 1, got {text!r}")
+    return layers
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -66,6 +87,7 @@ def generate(
     model: ModelArg = None,
     speed_quality: PresetOpt = None,
     early_exit_threshold: ThresholdOpt = None,
+    exit_layers: ExitLayersOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to generate")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
@@ -76,6 +98,7 @@ def generate(
     """Generate one answer and print it with its early-exit statistics."""
     try:
         settings = resolve_early_exit(speed_quality, early_exit_threshold)
+        layers = parse_exit_layers(exit_layers)
     except ConfigError as exc:
         fail(str(exc))
     from octomil.engine.engine import Engine
@@ -84,7 +107,7 @@ def generate(
     from octomil.models.errors import ModelNotAvailableError
 
     try:
-        engine = Engine.load(model, dtype=dtype, early_exit=settings)
+        engine = Engine.load(model, dtype=dtype, early_exit=settings, exit_layers=layers)
     except (ModelNotAvailableError, ValueError) as exc:
         fail(str(exc))
     try:
