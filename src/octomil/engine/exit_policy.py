@@ -8,6 +8,7 @@ are computed there anyway).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -26,9 +27,16 @@ def entropy_nats(logits: mx.array) -> mx.array:
     return -(mx.exp(logp) * logp).sum(axis=-1)
 
 
-def default_exit_layers(total_layers: int, min_layers: int, points: int = DEFAULT_EXIT_POINTS) -> tuple[int, ...]:
-    """``points`` depths evenly spaced from ``min_layers`` up to (not including) the last layer."""
-    last = total_layers - 1
+def default_exit_layers(
+    total_layers: int, min_layers: int, head_cost_layers: float = 0.0, points: int = DEFAULT_EXIT_POINTS
+) -> tuple[int, ...]:
+    """Up to ``points`` depths, evenly spaced, where an exit can pay for its check.
+
+    An exit after depth ``d`` saves ``total_layers - d`` layers, and every check costs a head evaluation
+    worth ``head_cost_layers`` layers; depths whose saving cannot exceed that cost are never candidates
+    (so the last layer never is). May be empty: then no check can pay and decoding stays full depth.
+    """
+    last = min(total_layers - 1, math.floor(total_layers - head_cost_layers - 1e-9))
     if min_layers > last:
         return ()
     if points <= 1 or last == min_layers:
@@ -56,13 +64,18 @@ class ExitPolicy:
 
     @classmethod
     def from_settings(
-        cls, settings: EarlyExitSettings, total_layers: int, exit_layers: tuple[int, ...] | None = None
+        cls,
+        settings: EarlyExitSettings,
+        total_layers: int,
+        exit_layers: tuple[int, ...] | None = None,
+        head_cost_layers: float = 0.0,
     ) -> ExitPolicy | None:
+        """``exit_layers`` given by the user are kept (within range); otherwise cost-aware defaults."""
         if not settings.enabled:
             return None
         min_layers = settings.min_layers(total_layers)
         if exit_layers is None:
-            layers = default_exit_layers(total_layers, min_layers)
+            layers = default_exit_layers(total_layers, min_layers, head_cost_layers)
         else:
             layers = tuple(sorted(d for d in set(exit_layers) if min_layers <= d < total_layers))
         assert settings.threshold is not None

@@ -67,9 +67,23 @@ class Anatomy:
             logits = mx.tanh(logits / cap) * cap
         return logits
 
+    def head_cost_in_layers(self) -> float:
+        """Weights read by one head evaluation, in units of one decoder layer's weights."""
+        if hasattr(self.model, "lm_head"):
+            head = _parameter_count(self.model.lm_head)
+        else:
+            head = _parameter_count(self.model.model.embed_tokens)
+        return head / max(1, _parameter_count(self.layers[0]))
+
     def logits(self, h: mx.array) -> mx.array:
         """What the model predicts from hidden state ``h`` at any layer (final norm, then head)."""
         return self.head(self.norm(h))
+
+
+def _parameter_count(module: nn.Module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(module.parameters()))
 
 
 def model_family(model: nn.Module) -> str:
