@@ -9,9 +9,10 @@ from octomil.engine.exit_policy import ExitPolicy, default_exit_layers, entropy_
 
 
 def test_candidates_leave_room_for_the_head_cost():
-    # 30 layers, head worth 8 layers: an exit after depth d saves 30 - d, so d <= 22.
-    assert default_exit_layers(30, 15, head_cost_layers=8.0) == (15, 18, 22)
-    assert default_exit_layers(30, 8, head_cost_layers=8.0) == (8, 15, 22)
+    # 30 layers, head worth 8 layers: an exit after depth d saves 30 - d, which must exceed 8.
+    assert default_exit_layers(30, 15, head_cost_layers=8.0) == (15, 18, 21)
+    assert default_exit_layers(30, 8, head_cost_layers=8.0) == (8, 14, 21)
+    assert default_exit_layers(30, 15, head_cost_layers=7.97) == (15, 18, 22)
 
 
 def test_no_candidate_when_no_depth_can_pay():
