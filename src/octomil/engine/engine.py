@@ -15,6 +15,7 @@ import mlx.core as mx
 from octomil import blas
 from octomil.config import EarlyExitSettings
 from octomil.engine.errors import EngineInputError, PromptTooLongError
+from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, resolve_exit_policy
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import FullDepthLoop, LayerLoop
@@ -33,7 +34,10 @@ class Engine:
         loaded: LoadedModel,
         early_exit: EarlyExitSettings = EarlyExitSettings(),
         exit_layers: tuple[int, ...] | None = None,
+        exit_policy: ExitPolicyChoice | None = None,
     ) -> None:
+        """``exit_policy`` None (in-memory engines, tests): exit on the raw shared head, as
+        ``--exit-policy lens``; :meth:`load` resolves the calibrated policy for the model."""
         self.loaded = loaded
         self.model_id = loaded.name
         self.total_layers = loaded.num_layers
@@ -42,6 +46,7 @@ class Engine:
         self.exit_layers = exit_layers
         self.default_early_exit = early_exit
         self.early_exit_supported = loaded.anatomy is not None
+        self.exit_choice = exit_policy or ExitPolicyChoice(None, True, "raw shared head (in-memory engine)")
         if early_exit.enabled and not self.early_exit_supported:
             log.warning(
                 "early exit is not supported for model family %r; serving at full depth", loaded.family
@@ -57,8 +62,26 @@ class Engine:
         dtype: str = "auto",
         early_exit: EarlyExitSettings = EarlyExitSettings(),
         exit_layers: tuple[int, ...] | None = None,
+        exit_policy: str | None = None,
     ) -> Engine:
-        return cls(load_model(model, dtype), early_exit, exit_layers)
+        """``exit_policy``: a policy directory, "lens" (raw shared head), "none", or None to use
+        ``$OCTOMIL_EXIT_POLICY`` or the calibrated policy found for the model (user cache, then
+        package). A policy made for other weights raises ``ExitPolicyError`` (a ValueError)."""
+        loaded = load_model(model, dtype)
+        choice = ExitPolicyChoice(None, False, "early exit not supported for this model family")
+        if loaded.anatomy is not None:
+            choice = resolve_exit_policy(
+                loaded.name, loaded.source, loaded.num_layers, int(loaded.model.args.hidden_size), exit_policy
+            )
+            if choice.bundle is None and not choice.raw_head and early_exit.enabled:
+                log.warning("[early-exit] %s", choice.status)
+            else:
+                log.info("[early-exit] %s", choice.status)
+        return cls(loaded, early_exit, exit_layers, choice)
+
+    @property
+    def exit_bundle(self) -> ExitPolicyBundle | None:
+        return self.exit_choice.bundle
 
     @property
     def selection(self) -> str:
@@ -69,14 +92,20 @@ class Engine:
         weights = self.loaded.native_layout if weights == "native" else weights
         return f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
 
-    def policy_for(self, settings: EarlyExitSettings | None) -> ExitPolicy | None:
+    def policy_for(self, settings: EarlyExitSettings | None, method: str | None = None) -> ExitPolicy | None:
+        """The exit policy for a request; ``method`` (entropy|probe|lowrank) picks another
+        calibrated decision method than the policy's choice (for ``octomil eval``)."""
         if not self.early_exit_supported:
             return None
+        settings = settings if settings is not None else self.default_early_exit
+        bundle = self.exit_choice.bundle
+        if bundle is not None:
+            assert self.loaded.anatomy is not None
+            return bundle.policy(settings, self.loaded.anatomy, method=method, layers=self.exit_layers)
+        if not self.exit_choice.raw_head:
+            return None  # no calibrated policy: full depth
         return ExitPolicy.from_settings(
-            settings if settings is not None else self.default_early_exit,
-            self.total_layers,
-            self.exit_layers,
-            self.loaded.anatomy.head_cost_in_layers(),
+            settings, self.total_layers, self.exit_layers, self.loaded.anatomy.head_cost_in_layers()
         )
 
     def encode(self, text: str) -> list[int]:
