@@ -1,0 +1,1 @@
+"""Exit adapters and threshold calibration: ``octomil calibrate`` and ``octomil eval``."""

@@ -1,0 +1,250 @@
+"""``octomil calibrate`` (train an exit policy for a model) and ``octomil eval`` (measure one)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from octomil.config import ConfigError, SpeedQuality, resolve_early_exit
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Alias, local model dir / .gguf, or HF repo id (default: embedded)"),
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Weight layout: auto|float32|bfloat16|float16|native")
+]
+
+
+class Method(str, Enum):
+    entropy = "entropy"
+    probe = "probe"
+    lowrank = "lowrank"
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        layers = tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
+    except ValueError:
+        _fail(f"--layers must be comma-separated depths such as 8,12,15, got {text!r}")
+    if not layers:
+        _fail("--layers is empty")
+    return layers
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    with typer.progressbar(
+        length=max(total, 1), label=f"[calibrate] {label:<26}", file=sys.stderr
+    ) as bar:
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            n = min(n, total - done)  # a token budget may be overshot by the last batch
+            if n > 0:
+                done += n
+                bar.update(n)
+
+        yield tick
+        if done < total:
+            bar.update(total - done)
+
+
+def _load(model: str | None, dtype: str, exit_policy: str | None = None):
+    from octomil.engine.engine import Engine
+
+    try:
+        return Engine.load(model, dtype=dtype, exit_policy=exit_policy)
+    except ValueError as exc:  # ModelNotAvailableError, ExitPolicyError, bad dtype: one line
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
+
+
+def calibrate(
+    model: ModelArg = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers", help="Candidate exit depths, e.g. 8,12,15 (default: 25%..90% of the stack)"
+        ),
+    ] = None,
+    tokens: Annotated[
+        int, typer.Option("--tokens", min=500, help="Self-distillation tokens to generate")
+    ] = 8000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: prompt split, sampling, training")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Policy directory (default: the user cache, found automatically)"
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", min=0, help="KL fine-tuning steps (128 tokens each)")
+    ] = 50,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=16, help="Longest continuation")
+    ] = 128,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Train exit adapters and gates for a model; calibrate where each preset checks for exits."""
+    parsed = _parse_layers(layers)
+    from octomil.calibrate.pipeline import CalibrationConfig
+    from octomil.calibrate.pipeline import calibrate as run
+    from octomil.engine.policy_store import user_policy_dir
+
+    engine = _load(model, dtype, exit_policy="none")
+    if engine.loaded.anatomy is None:
+        _fail(f"early exit is not supported for model family {engine.loaded.family!r}")
+    target = out or user_policy_dir(engine.model_id)
+    command = (
+        "octomil calibrate " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate"] else ""
+    )
+    config = CalibrationConfig(
+        layers=parsed,
+        tokens=tokens,
+        seed=seed,
+        steps=steps,
+        max_new_tokens=max_new_tokens,
+        command=command,
+    )
+    typer.echo(
+        f"[calibrate] {engine.model_id}: {engine.total_layers} layers, {engine.selection}", err=True
+    )
+    try:
+        bundle = run(
+            engine.loaded,
+            engine.encode_chat,
+            config,
+            progress=_progress,
+            say=lambda s: typer.echo(f"[calibrate] {s}", err=True),
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    bundle.save(target)
+    secs = bundle.manifest.calibration.get("wall_clock_s", {}).get("total_s", 0)
+    typer.echo(f"[calibrate] wrote {target} in {secs:.0f} s", err=True)
+    typer.echo(str(target))
+
+
+def eval_command(
+    model: ModelArg = None,
+    prompts: Annotated[
+        Path,
+        typer.Option("--prompts", help='JSONL file, one {"prompt": ..., "category": ...} per line'),
+    ] = Path("benchmarks/prompts/eval_prompts.jsonl"),
+    speed_quality: Annotated[
+        SpeedQuality | None,
+        typer.Option("--speed-quality", help="Preset (default: balanced); overrides a threshold"),
+    ] = None,
+    early_exit_threshold: Annotated[
+        float | None,
+        typer.Option("--early-exit-threshold", help="Exit when entropy (nats) <= T, T in [0, 1]"),
+    ] = None,
+    method: Annotated[
+        Method | None,
+        typer.Option("--method", help="Exit decision method (default: the policy's choice)"),
+    ] = None,
+    exit_policy: Annotated[
+        str | None,
+        typer.Option("--exit-policy", help="Policy dir, 'lens' (raw shared head) or 'none'"),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Tokens per prompt")] = 64,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the first N prompts")
+    ] = None,
+    dtype: DtypeOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Agreement with full depth (teacher-forced), exact match, layers and speed, per category."""
+    try:
+        if speed_quality is None and early_exit_threshold is None:
+            speed_quality = SpeedQuality.balanced
+        settings = resolve_early_exit(speed_quality, early_exit_threshold)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from octomil.calibrate.evaluate import PromptFileError, evaluate, load_prompts
+    from octomil.engine.policy_store import ExitPolicyError
+
+    try:
+        rows = load_prompts(prompts, limit)
+    except PromptFileError as exc:
+        _fail(str(exc))
+    engine = _load(model, dtype, exit_policy)
+    if engine.loaded.anatomy is None:
+        _fail(f"early exit is not supported for model family {engine.loaded.family!r}")
+    try:
+        policy = engine.policy_for(settings, method=method.value if method else None)
+    except ExitPolicyError as exc:
+        _fail(str(exc))
+    where = "none (full depth)" if policy is None else ",".join(map(str, policy.exit_layers))
+    how = getattr(policy, "method", "lens") if policy is not None else "-"
+    if not as_json:
+        typer.echo(f"[engine] Selected: {engine.selection}", err=True)
+        typer.echo(f"[early-exit] {settings.describe()} | {engine.exit_choice.status}", err=True)
+        typer.echo(
+            f"[eval] {len(rows)} prompts, {max_tokens} tokens, method {how}, checks at {where}",
+            err=True,
+        )
+
+    def on_prompt(i: int, r) -> None:
+        if not as_json:
+            typer.echo(
+                f"[eval] {i + 1}/{len(rows)} {r.category}: agreement {r.agree}/{r.positions}, "
+                f"exact {'yes' if r.exact else 'no'}",
+                err=True,
+            )
+
+    summary = evaluate(engine, rows, policy, max_tokens, on_prompt)
+    summary = {
+        "model": engine.model_id,
+        "setting": settings.preset.value
+        if settings.preset
+        else f"threshold={settings.threshold:g}",
+        "method": how,
+        "exit_layers": list(policy.exit_layers) if policy is not None else [],
+        "exit_policy": engine.exit_choice.status,
+        **summary,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    _print_table(summary)
+
+
+def _print_table(s: dict) -> None:
+    head = (
+        f"{'category':<12} {'prompts':>7} {'agree':>7} {'exact':>6} {'layers':>7} {'exits':>6} "
+        f"{'tok/s':>7} {'full':>7} {'speedup':>8}"
+    )
+    typer.echo(head)
+    rows = [*s["per_category"].items(), ("all", s)]
+    for name, r in rows:
+        typer.echo(
+            f"{name:<12} {r['prompts']:>7} {r['token_agreement']:>7.2%} {r['exact_match']:>6.0%} "
+            f"{r['avg_layers_used']:>7.2f} {r['early_exit_share']:>6.1%} "
+            f"{r['decode_tokens_per_s']:>7.2f} "
+            f"{r['decode_tokens_per_s_full_depth']:>7.2f} {r['speedup_vs_full_depth']:>7.3f}x"
+        )
+    typer.echo(
+        f"total layers: {s['total_layers']}; agreement is teacher-forced on the full-depth output"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate)
+    app.command("eval")(eval_command)
