@@ -5,13 +5,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
+
+import mlx.core as mx
 
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
 from octomil.engine.layer_loop import FullDepthLoop, LayerLoop, StepResult
 from octomil.engine.sampling import Sampler, top_logprobs
 from octomil.engine.text_stream import TextStream
 from octomil.engine.types import GenerationStats, SamplingParams, TokenEvent, TokenLogprob
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """A step's logits and its (possibly not yet evaluated) sampled token."""
+
+    step: StepResult
+    token: mx.array  # (1,)
+    logprobs: mx.array  # (1, vocab)
+    entropy: mx.array | None  # lazily computed entropy when the step did not measure one
+
+    def resolved_step(self) -> StepResult:
+        if self.entropy is None:
+            return self.step
+        return replace(self.step, entropy=float(self.entropy.item()))
 
 
 class Generation:
@@ -49,20 +67,37 @@ class Generation:
     def __iter__(self) -> Iterator[TokenEvent]:
         return self._run()
 
+    @property
+    def _runs_ahead(self) -> bool:
+        """No exit check can happen, so step i+1 can be queued before token i is read (as mlx-lm)."""
+        no_checks = self._policy is None or not self._policy.exit_layers
+        return no_checks and not self._sampler.needs_history
+
+    def _select(self, step: StepResult, history: list[int] | None) -> _Selection:
+        token, logprobs = self._sampler.select(step.logits, history)
+        entropy = None
+        if self._policy is not None and step.entropy is None:
+            entropy = entropy_nats(step.logits)  # stats only; evaluated with the token
+        return _Selection(step, token, logprobs, entropy)
+
     def _run(self) -> Iterator[TokenEvent]:
         stats = self.stats
         start = time.perf_counter()
-        logits = self._loop.prefill(self._prompt)
-        entropy = entropy_nats(logits).item() if self._policy is not None else None
-        step = StepResult(logits, self._loop.num_layers, entropy, exited=False)
+        full_depth = self._loop.num_layers
+        ahead = self._runs_ahead
         history = list(self._prompt)
+        pending = self._select(StepResult(self._loop.prefill(self._prompt), full_depth, None, False), history)
         first_token_at = None
         for i in range(self._params.max_tokens):
             if self._cancelled.is_set():
                 stats.finish_reason = "cancelled"
                 break
-            choice = self._sampler(step.logits, history)
-            token = choice.token
+            current = pending
+            if ahead and i + 1 < self._params.max_tokens:
+                pending = self._select(self._loop.decode(current.token, None), None)
+                mx.async_eval(pending.token, pending.logprobs)
+            token = int(current.token.item())
+            step = current.resolved_step()
             history.append(token)
             now = time.perf_counter()
             if first_token_at is None:
@@ -82,10 +117,11 @@ class Generation:
                     text += self._text.finish()
                     finish = "length"
             stats.finish_reason = finish
-            yield self._event(token, text, step, choice.logprobs, finish)
+            yield self._event(token, text, step, current.logprobs[0], finish)
             if finish:
                 return
-            step = self._loop.decode(token, self._policy)
+            if not ahead:
+                pending = self._select(self._loop.decode(token, self._policy), history)
 
     def _record(self, step: StepResult) -> None:
         s = self.stats

@@ -69,14 +69,17 @@ class LayerLoop:
         self.position += len(tokens)
         return self.anatomy.logits(h[:, -1, :])
 
-    def decode(self, token: int, policy: ExitPolicy | None) -> StepResult:
-        """Feed one generated token; stop after the first candidate layer whose entropy passes."""
+    def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
+        """Feed one generated token; stop after the first candidate layer whose entropy passes.
+
+        ``token`` may be a not-yet-evaluated (1,) array, so the next step can be queued early.
+        """
         position = self.position
         self.position += 1
         can_exit = policy is not None and len(self.pending) < MAX_PENDING_ROWS
         waiting = list(self.pending)
         rows: list[int] = [position]  # positions of the rows in ``h``, ascending
-        h = self.anatomy.embed(mx.array([[token]]))
+        h = self.anatomy.embed(_as_input(token))
         last_entropy: float | None = None
         for i in range(self.num_layers):
             joining = rows_joining(waiting, i)
@@ -116,6 +119,11 @@ class LayerLoop:
         mx.eval([c.state for c in self.cache])
 
 
+def _as_input(token: int | mx.array) -> mx.array:
+    """One token id as the (1, 1) input of a decode step."""
+    return token.reshape(1, 1) if isinstance(token, mx.array) else mx.array([[token]])
+
+
 def _merge_rows(
     h: mx.array | None, rows: list[int], joining: list[PendingRow]
 ) -> tuple[mx.array, list[int]]:
@@ -149,9 +157,9 @@ class FullDepthLoop:
         self.position += len(tokens)
         return self.model(prompt[None], cache=self.cache)[:, -1, :]
 
-    def decode(self, token: int, policy: ExitPolicy | None) -> StepResult:
+    def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
         self.position += 1
-        logits = self.model(mx.array([[token]]), cache=self.cache)[:, -1, :]
+        logits = self.model(_as_input(token), cache=self.cache)[:, -1, :]
         return StepResult(logits, self.num_layers, None, exited=False)
 
     def flush(self) -> None:

@@ -36,22 +36,30 @@ class Sampler:
         )
         self._top_k = params.top_k if 0 < params.top_k < vocab_size else 0
 
-    def __call__(self, logits: mx.array, history: list[int]) -> Choice:
-        """``logits`` (1, vocab); ``history`` is prompt + generated token ids so far."""
+    @property
+    def needs_history(self) -> bool:
+        """True when selection depends on earlier tokens as ints (so it cannot run ahead lazily)."""
+        return self._penalty is not None
+
+    def select(self, logits: mx.array, history: list[int] | None) -> tuple[mx.array, mx.array]:
+        """Lazily: (token (1,), log-softmax (1, vocab)); nothing is evaluated here."""
         if self._penalty is not None and history:
             logits = self._penalty(mx.array(history[-REPETITION_CONTEXT:]), logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         p = self.params
         if p.temperature <= 0.0:
-            token = mx.argmax(logprobs, axis=-1)
-        else:
-            filtered = logprobs
-            if self._top_k:
-                filtered = apply_top_k(filtered, self._top_k)
-            if 0.0 < p.top_p < 1.0:
-                filtered = apply_top_p(filtered, p.top_p)
-            self._key, sub = mx.random.split(self._key)
-            token = mx.random.categorical(filtered * (1.0 / p.temperature), key=sub)
+            return mx.argmax(logprobs, axis=-1), logprobs
+        filtered = logprobs
+        if self._top_k:
+            filtered = apply_top_k(filtered, self._top_k)
+        if 0.0 < p.top_p < 1.0:
+            filtered = apply_top_p(filtered, p.top_p)
+        self._key, sub = mx.random.split(self._key)
+        return mx.random.categorical(filtered * (1.0 / p.temperature), key=sub), logprobs
+
+    def __call__(self, logits: mx.array, history: list[int]) -> Choice:
+        """``logits`` (1, vocab); ``history`` is prompt + generated token ids so far."""
+        token, logprobs = self.select(logits, history)
         return Choice(int(token.item()), logprobs[0])
 
 
