@@ -233,13 +233,13 @@ def test_placement_checks_nowhere_when_exits_do_not_pay():
     replay = Replay(
         {d: np.zeros(n) for d in DEPTHS}, {d: np.ones(n, bool) for d in DEPTHS}, {}, NUM_LAYERS
     )
-    free = Costs(10.0, head_check=2.0, gate={}, exit_per_layer=0.0, exit_fixed=0.0)
+    free = Costs(10.0, pipeline=0.0, head_check=2.0, gate={}, exit_per_layer=0.0, exit_fixed=0.0)
     best, fewest = best_placement(replay, free, "entropy", DEPTHS, 0.3, 1, 0.01)
     assert best.layers == () and best.expected_speedup == 1.0
     assert (
         fewest.layers[0] == 1 and fewest.avg_layers == 1.0
     )  # everything exits at once, and agrees
-    paying = Costs(10.0, head_check=2.0, gate={}, exit_per_layer=2.0, exit_fixed=0.0)
+    paying = Costs(10.0, pipeline=0.0, head_check=2.0, gate={}, exit_per_layer=2.0, exit_fixed=0.0)
     best, _ = best_placement(replay, paying, "entropy", DEPTHS, 0.3, 1, 0.01)
     assert best.layers == (1,) and best.expected_speedup > 1.5
 
@@ -250,7 +250,7 @@ def test_placement_respects_the_disagreement_budget():
     n = 100
     agree = {1: np.arange(n) >= 10, 2: np.arange(n) >= 2, 3: np.ones(n, bool)}  # 10%, 2%, 0% wrong
     replay = Replay({d: np.zeros(n) for d in DEPTHS}, agree, {}, NUM_LAYERS)
-    costs = Costs(10.0, head_check=1.0, gate={}, exit_per_layer=2.0, exit_fixed=0.0)
+    costs = Costs(10.0, pipeline=0.0, head_check=1.0, gate={}, exit_per_layer=2.0, exit_fixed=0.0)
     assert best_placement(replay, costs, "entropy", DEPTHS, 0.3, 1, 0.05)[0].layers == (2,)
     assert best_placement(replay, costs, "entropy", DEPTHS, 0.3, 1, 0.01)[0].layers == (3,)
 
@@ -372,16 +372,25 @@ def test_in_memory_engine_keeps_the_raw_head(model, byte_tokenizer):
 
 
 def test_calibrate_end_to_end_on_a_tiny_model(model, tmp_path, byte_tokenizer):
-    from octomil.calibrate.pipeline import CalibrationConfig, calibrate
+    from octomil.calibrate.pipeline import CalibrationConfig, calibrate, retime, save_replay
 
     engine = tiny_engine(model, byte_tokenizer)
     prompts = tuple((c, f"{c} prompt {i}") for c in ("a", "b") for i in range(4))
     config = CalibrationConfig(tokens=200, max_new_tokens=24, steps=3, timing_repeats=2, seed=1)
     b = calibrate(engine.loaded, engine.encode_chat, config, prompts=prompts)
     b.save(tmp_path / "p")
-    m = ExitPolicyBundle.load(tmp_path / "p").manifest
+    save_replay(tmp_path / "p", b.replay, b.timing_prompt)
+    loaded = ExitPolicyBundle.load(tmp_path / "p")
+    m = loaded.manifest
     assert set(m.presets) == {"quality", "balanced", "fast"} and m.adapter_layers == (1, 2, 3)
     for p in m.presets.values():
         assert p.method in ("entropy", "probe", "lowrank") and set(p.layers) <= {1, 2, 3}
         assert p.measured["disagreement"] <= p.budget
     assert m.heldout["tokens"] > 0 and m.timings_ms["full_token"] > 0
+    # --retime: same adapters, costs re-measured, placement redone from the saved replay.
+    again = retime(engine.loaded, loaded, tmp_path / "p", repeats=1)
+    assert (
+        again.manifest.adapter_layers == m.adapter_layers
+        and "retimed" in again.manifest.calibration
+    )
+    assert set(again.manifest.presets) == set(m.presets)

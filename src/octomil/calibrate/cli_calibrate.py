@@ -99,11 +99,19 @@ def calibrate(
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", min=16, help="Longest continuation")
     ] = 128,
+    retime: Annotated[
+        bool,
+        typer.Option(
+            "--retime",
+            help="Keep the trained adapters (of --out or the found policy); re-measure costs on "
+            "this machine and re-place each preset's checks",
+        ),
+    ] = False,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Train exit adapters and gates for a model; calibrate where each preset checks for exits."""
     parsed = _parse_layers(layers)
-    from octomil.calibrate.pipeline import CalibrationConfig
+    from octomil.calibrate.pipeline import CalibrationConfig, save_replay
     from octomil.calibrate.pipeline import calibrate as run
     from octomil.engine.policy_store import user_policy_dir
 
@@ -125,6 +133,9 @@ def calibrate(
     typer.echo(
         f"[calibrate] {engine.model_id}: {engine.total_layers} layers, {engine.selection}", err=True
     )
+    if retime:
+        _retime(engine, out, config.timing_repeats)
+        return
     try:
         bundle = run(
             engine.loaded,
@@ -136,8 +147,39 @@ def calibrate(
     except ValueError as exc:
         _fail(str(exc))
     bundle.save(target)
+    save_replay(target, bundle.replay, bundle.timing_prompt)
     secs = bundle.manifest.calibration.get("wall_clock_s", {}).get("total_s", 0)
     typer.echo(f"[calibrate] wrote {target} in {secs:.0f} s", err=True)
+    typer.echo(str(target))
+
+
+def _retime(engine, out: Path | None, repeats: int) -> None:
+    """Re-place checks for this machine; a found (e.g. packaged) policy is written to the user
+    cache, which takes precedence over it."""
+    from octomil.calibrate.pipeline import retime, save_replay
+    from octomil.engine.exit_adapters import ExitPolicyBundle, resolve_exit_policy
+    from octomil.engine.policy_store import ExitPolicyError, user_policy_dir, weights_hash
+
+    hidden = int(engine.loaded.model.args.hidden_size)
+    source = engine.loaded.source
+    try:
+        if out is not None:
+            bundle = ExitPolicyBundle.load(out)
+            bundle.check_compatible(
+                engine.model_id, weights_hash(source), engine.total_layers, hidden
+            )
+        else:
+            choice = resolve_exit_policy(engine.model_id, source, engine.total_layers, hidden, None)
+            if choice.bundle is None:
+                _fail(f"no exit policy found for {engine.model_id}: run `octomil calibrate` first")
+            bundle = choice.bundle
+        say = lambda s: typer.echo(f"[calibrate] {s}", err=True)  # noqa: E731
+        new = retime(engine.loaded, bundle, bundle.path, repeats, _progress, say)
+    except (ExitPolicyError, ValueError) as exc:
+        _fail(str(exc))
+    target = out or user_policy_dir(engine.model_id)
+    new.save(target)
+    save_replay(target, new.replay, new.timing_prompt)
     typer.echo(str(target))
 
 

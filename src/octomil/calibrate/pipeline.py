@@ -14,7 +14,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -61,7 +62,7 @@ class CalibrationConfig:
     seed: int = 0
     steps: int = 50  # KL fine-tuning steps (128 tokens each)
     lr: float = 3e-4
-    timing_repeats: int = 12
+    timing_repeats: int = 6
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,53 +187,20 @@ def calibrate(
     }
     timings["score_s"] = time.perf_counter() - t
 
-    # 6. what checks and exits cost here
+    # 6. what checks and exits cost here; 7. placement per preset and method
     t = time.perf_counter()
     draft = _bundle(loaded, depths, trained, probes, {}, {}, {}, {}, config)
     draft._lowrank = lowrank
-    timing_prompt = ids[int(np.flatnonzero(held_prompt)[0])]
-    mid = depths[len(depths) // 2]
-    exit_pair = (depths[0], depths[-1]) if len(depths) > 1 else (depths[0], depths[0])
-
-    def make_policy(method: str) -> AdaptedExitPolicy:
-        from octomil.config import EarlyExitSettings
-
-        policy = draft.policy(
-            EarlyExitSettings(1.0, 1 / N), anatomy, method=method, layers=(mid,), margin=0.0
-        )
-        assert policy is not None
-        return policy
-
-    with progress("timing checks and exits", config.timing_repeats + 1) as tick:
-        from octomil.calibrate.timing import measure_costs
-
-        costs = measure_costs(
-            anatomy,
-            loaded.model,
-            timing_prompt,
-            make_policy,
-            mid,
-            exit_pair,
-            config.timing_repeats,
-            tick,
-        )
-    timings["timing_s"] = time.perf_counter() - t
-    say(
-        f"costs here: full token {costs.full_token:.1f} ms, head check {costs.head_check:.1f} ms, "
-        f"probe gate {costs.gate['probe']:.2f} ms, low-rank gate {costs.gate['lowrank']:.2f} ms, "
-        f"exit saves {costs.exit_per_layer:.2f} ms per skipped layer {costs.exit_fixed:+.1f} ms"
-    )
-
-    # 7. placement per preset and method
     replay = Replay(
         entropy={d: scored[d]["entropy"] for d in depths},
         agree={d: scored[d]["agree"] for d in depths},
         gate_score=gate_scores,
         total_layers=N,
     )
-    placements = {p.value: _place(replay, costs, p, depths, N) for p in SpeedQuality}
-    for name, p in placements.items():
-        say(f"{name}: {p.note}")
+    timing_prompt = ids[int(np.flatnonzero(held_prompt)[0])]
+    costs = measure_here(loaded, draft, timing_prompt, config.timing_repeats, progress, say)
+    timings["timing_s"] = time.perf_counter() - t
+    placements = place_presets(replay, costs, depths, N, say)
 
     heldout = {
         "tokens": int(test.num_tokens),
@@ -264,9 +232,115 @@ def calibrate(
         "command": config.command,
         **config.extra,
     }
-    return _bundle(
+    bundle = _bundle(
         loaded, depths, trained, probes, placements, costs.to_json(), heldout, calibration, config
     )
+    bundle.replay = replay
+    bundle.timing_prompt = timing_prompt
+    return bundle
+
+
+def measure_here(
+    loaded: LoadedModel,
+    bundle: ExitPolicyBundle,
+    prompt: list[int],
+    repeats: int,
+    progress: ProgressFactory = no_progress,
+    say: Callable[[str], None] = lambda s: None,
+) -> Costs:
+    """Measure check and exit costs with ``bundle``'s adapters and gates (see ``timing``)."""
+    from octomil.calibrate.timing import measure_costs
+    from octomil.config import EarlyExitSettings
+
+    depths = bundle.manifest.adapter_layers
+    N = bundle.manifest.total_layers
+    mid = depths[len(depths) // 2]
+    exit_pair = (depths[0], depths[-1]) if len(depths) > 1 else (depths[0], depths[0])
+
+    def make_policy(method: str) -> AdaptedExitPolicy:
+        settings = EarlyExitSettings(1.0, 1 / N)
+        policy = bundle.policy(settings, loaded.anatomy, method=method, layers=(mid,), margin=0.0)
+        assert policy is not None
+        return policy
+
+    with progress("timing checks and exits", repeats + 1) as tick:
+        costs = measure_costs(loaded, prompt, make_policy, mid, exit_pair, repeats, tick)
+    say(
+        f"costs here: full-depth token {costs.full_token:.1f} ms; having checks "
+        f"{costs.pipeline:+.1f} ms/token; head check {costs.head_check:.1f} ms; probe gate "
+        f"{costs.gate['probe']:.2f} ms; low-rank gate {costs.gate['lowrank']:.2f} ms; an exit "
+        f"saves {costs.exit_per_layer:.2f} ms per skipped layer {costs.exit_fixed:+.1f} ms"
+    )
+    return costs
+
+
+def place_presets(
+    replay: Replay,
+    costs: Costs,
+    depths: tuple[int, ...],
+    N: int,
+    say: Callable[[str], None] = lambda s: None,
+) -> dict[str, PresetPlacement]:
+    placements = {p.value: _place(replay, costs, p, depths, N) for p in SpeedQuality}
+    for name, p in placements.items():
+        say(f"{name}: {p.note}")
+    return placements
+
+
+REPLAY_FILE = "heldout_replay.npz"
+
+
+def save_replay(path: Path, replay: Replay, timing_prompt: list[int]) -> None:
+    """Held-out per-token measurements, so ``octomil calibrate --retime`` can re-place checks for
+    another machine's costs without retraining."""
+    arrays = {"timing_prompt": np.asarray(timing_prompt, dtype=np.int32)}
+    for d in replay.entropy:
+        arrays[f"entropy_{d}"] = replay.entropy[d].astype(np.float16)
+        arrays[f"agree_{d}"] = replay.agree[d]
+        for m, scores in replay.gate_score.items():
+            arrays[f"{m}_{d}"] = scores[d].astype(np.float16)
+    np.savez_compressed(Path(path) / REPLAY_FILE, **arrays)
+
+
+def load_replay(path: Path, depths: tuple[int, ...], N: int) -> tuple[Replay, list[int]]:
+    file = Path(path) / REPLAY_FILE
+    if not file.is_file():
+        raise ValueError(f"{path} has no {REPLAY_FILE}: re-run a full `octomil calibrate`")
+    z = np.load(file)
+    replay = Replay(
+        entropy={d: z[f"entropy_{d}"].astype(np.float32) for d in depths},
+        agree={d: z[f"agree_{d}"] for d in depths},
+        gate_score={
+            m: {d: z[f"{m}_{d}"].astype(np.float32) for d in depths} for m in ("probe", "lowrank")
+        },
+        total_layers=N,
+    )
+    return replay, [int(t) for t in z["timing_prompt"]]
+
+
+def retime(
+    loaded: LoadedModel,
+    bundle: ExitPolicyBundle,
+    path: Path,
+    repeats: int,
+    progress: ProgressFactory = no_progress,
+    say: Callable[[str], None] = lambda s: None,
+) -> ExitPolicyBundle:
+    """Re-measure costs here and re-place every preset's checks; adapters and gates are kept."""
+    m = bundle.manifest
+    replay, prompt = load_replay(path, m.adapter_layers, m.total_layers)
+    costs = measure_here(loaded, bundle, prompt, repeats, progress, say)
+    placements = place_presets(replay, costs, m.adapter_layers, m.total_layers, say)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    manifest = replace(
+        m,
+        presets=placements,
+        timings_ms=costs.to_json(),
+        calibration={**m.calibration, "retimed": now},
+    )
+    out = ExitPolicyBundle(manifest, bundle.adapters, bundle.probes, bundle.path)
+    out.replay, out.timing_prompt = replay, prompt
+    return out
 
 
 def _place(

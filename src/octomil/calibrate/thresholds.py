@@ -8,7 +8,8 @@ replaying held-out tokens through every subset of the candidate depths allowed t
   the head check when the gate passes (always, for ``entropy``); it exits at the first depth whose
   adapted entropy is <= threshold;
 - an exit at depth d saves ``exit_saving(d)`` (layers skipped, net of the catch-up row that runs
-  them in the next step; measured on this machine), a check that does not exit is pure cost;
+  them in the next step; measured on this machine), a check that does not exit is pure cost, and
+  having any check costs ``pipeline`` per token (syncs; the next step cannot be queued early);
 - disagreement = share of tokens that exit with a top-1 other than the full-depth one.
 
 The placement with the largest expected saving within the budget wins; if no placement saves at
@@ -36,6 +37,7 @@ class Costs:
     """Milliseconds, measured in the real layer loop on this machine."""
 
     full_token: float  # one full-depth decode step
+    pipeline: float  # per token, for having any check (syncs; no queuing the next step early)
     head_check: float  # extra cost of a head + entropy check that does not exit
     gate: dict[str, float]  # extra cost of a gate that does not pass, per method
     exit_per_layer: float  # net saving per skipped layer (layer minus its catch-up row)
@@ -47,6 +49,7 @@ class Costs:
     def to_json(self) -> dict[str, float]:
         out = {
             "full_token": self.full_token,
+            "pipeline": self.pipeline,
             "head_check": self.head_check,
             "exit_per_layer": self.exit_per_layer,
             "exit_fixed": self.exit_fixed,
@@ -124,7 +127,7 @@ def simulate(
         depth[exits] = d
         alive &= ~exits
     heads += alive  # the final head
-    mean_cost = float(cost.mean())
+    mean_cost = float(cost.mean()) + (costs.pipeline if layers else 0.0)
     return Outcome(
         method=method,
         layers=tuple(layers),

@@ -1,43 +1,55 @@
-"""What a check and an exit cost on *this* machine, measured in the real layer loop.
+"""What checks and exits cost on *this* machine, measured through the engine's own decode path.
 
-Every figure is the difference between decode steps of the engine's own ``LayerLoop`` that differ in
-one thing (a check that does not exit, a gate that does not pass, an exit at depth d followed by the
-full-depth step that runs its catch-up row), so graph breaks, syncs and pending rows are counted as
-they occur in serving. Configurations alternate step by step and each figure is a low percentile
-of many repetitions, so load spikes from other processes hit all alike.
+Each figure is the difference in decode time per token between greedy generations (the engine's
+``Generation`` over its ``LayerLoop``) that differ in one thing, so graph breaks, syncs, lost
+run-ahead and catch-up rows are counted as they occur in serving:
+
+- ``full``: no exit policy;
+- ``idle``: a policy that checks at one depth but decides nothing (the cost of having checks at
+  all, e.g. the decoder can no longer queue the next step before reading the token);
+- ``gate_<method>`` / ``head``: a gate that never passes / a head + entropy check that never exits;
+- ``exit_<d>``: every other token exits at depth ``d``, the next one runs full depth with its
+  catch-up row (per exit: the layers skipped, net of the catch-up row and the exit's own head).
+
+Configurations alternate and each figure is a low percentile over repetitions, so load spikes from
+other processes hit all alike.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import mlx.core as mx
 import numpy as np
 
 from octomil.calibrate.thresholds import Costs
 from octomil.engine.exit_adapters import AdaptedExitPolicy
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy
+from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import LayerLoop
+from octomil.engine.types import SamplingParams
 from octomil.models.anatomy import Anatomy
 
-PERCENTILE = 20  # of per-step times; low percentiles resist interference from other processes
+PERCENTILE = 25  # of per-run times; low percentiles resist interference from other processes
+TOKENS = 16  # per timed generation
 
 
 @dataclass(frozen=True)
 class _Forced(ExitPolicy):
-    """Checks at ``exit_layers`` with ``inner``'s decision machinery, then forces the outcome."""
+    """Checks at ``exit_layers`` with ``inner``'s machinery, then forces the outcome."""
 
     inner: AdaptedExitPolicy | None = None
-    mode: str = "head"  # "head": evaluate head, no exit | "gate": gate only | "exit": head, exit
+    mode: str = "idle"  # idle | gate | head | exit (every other check)
+    calls: list[int] = field(default_factory=lambda: [0], compare=False)
 
-    def decide(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> ExitDecision:
+    def decide(self, anatomy: Anatomy, hidden, depth: int) -> ExitDecision:
         assert self.inner is not None
-        adapter = self.inner.adapters.get(depth)
-        h = adapter(hidden) if adapter is not None else hidden
+        self.calls[0] += 1
+        if self.mode == "idle" or (self.mode == "exit" and self.calls[0] % 2 == 0):
+            return ExitDecision(False, None, None)
         if self.mode == "gate":
-            score = self.inner.gate_score(anatomy, h, depth)
+            adapter = self.inner.adapters.get(depth)
+            score = self.inner.gate_score(anatomy, adapter(hidden) if adapter else hidden, depth)
             assert score is not None
             score.item()
             return ExitDecision(False, None, None)
@@ -46,61 +58,67 @@ class _Forced(ExitPolicy):
 
 
 def measure_costs(
-    anatomy: Anatomy,
-    model,
+    loaded,
     prompt: list[int],
     make_policy: Callable[[str], AdaptedExitPolicy],
     check_depth: int,
     exit_depths: tuple[int, int],
-    repeats: int = 12,
+    repeats: int = 5,
     progress: Callable[[int], None] | None = None,
 ) -> Costs:
     """Costs for :mod:`octomil.calibrate.thresholds`; ``make_policy(method)`` gives a policy whose
-    adapters/gates are the trained ones."""
+    adapters and gates are the trained ones."""
+    anatomy = loaded.anatomy
     N = anatomy.num_layers
-    entropy_policy = make_policy("entropy")
-    configs: dict[str, tuple[ExitPolicy | None, ...]] = {
-        "full": (None, None),
-        "head": (_Forced(0.0, 1, (check_depth,), N, inner=entropy_policy, mode="head"), None),
-    }
-    for method in ("probe", "lowrank"):
-        configs[f"gate_{method}"] = (
-            _Forced(0.0, 1, (check_depth,), N, inner=make_policy(method), mode="gate"),
-            None,
-        )
-    for d in exit_depths:
-        # An exit, then the full-depth step that carries its catch-up row.
-        configs[f"exit_{d}"] = (_Forced(0.0, 1, (d,), N, inner=entropy_policy, mode="exit"), None)
+    entropy = make_policy("entropy")
 
-    loop = LayerLoop(anatomy, model)
-    logits = loop.prefill(prompt)
-    token = int(mx.argmax(logits, axis=-1).item())
-    times: dict[str, list[float]] = {k: [] for k in configs}
+    def forced(mode: str, depth: int, inner: AdaptedExitPolicy = entropy):
+        return lambda: _Forced(0.0, 1, (depth,), N, inner=inner, mode=mode)
+
+    configs: dict[str, Callable[[], ExitPolicy | None]] = {
+        "full": lambda: None,
+        "idle": forced("idle", check_depth),
+        "head": forced("head", check_depth),
+        "gate_probe": forced("gate", check_depth, make_policy("probe")),
+        "gate_lowrank": forced("gate", check_depth, make_policy("lowrank")),
+    }
+    for d in exit_depths:
+        configs[f"exit_{d}"] = forced("exit", d)
+    vocab = int(getattr(loaded.model.args, "vocab_size", 0) or len(loaded.tokenizer))
+
+    def per_token_ms(policy: ExitPolicy | None) -> float:
+        gen = Generation(
+            LayerLoop(anatomy, loaded.model),
+            prompt,
+            SamplingParams(max_tokens=TOKENS, ignore_eos=True),
+            policy,
+            loaded.tokenizer,
+            loaded.eos_token_ids,
+            vocab,
+        )
+        for _ in gen:
+            pass
+        return 1000 * gen.stats.decode_time_s / max(gen.stats.completion_tokens - 1, 1)
+
     names = list(configs)
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats + 1):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            for policy in configs[name]:
-                step = loop.decode(token, policy)
-                token = int(mx.argmax(step.logits, axis=-1).item())
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = per_token_ms(configs[name]())
             if r > 0:  # the first round warms up
-                times[name].append((time.perf_counter() - start) * 1000)
-            if loop.position > 400:  # keep the context (and attention cost) roughly constant
-                loop = LayerLoop(anatomy, model)
-                token = int(mx.argmax(loop.prefill(prompt), axis=-1).item())
+                times[name].append(t)
         if progress is not None:
             progress(1)
     t = {k: float(np.percentile(v, PERCENTILE)) for k, v in times.items()}
-    full = t["full"] / 2  # every configuration runs two steps
-    savings = {d: t["full"] - t[f"exit_{d}"] for d in exit_depths}
+    # Every other token exits: per exit, two tokens' worth of difference.
+    savings = {d: 2 * (t["idle"] - t[f"exit_{d}"]) for d in exit_depths}
     (d1, s1), (d2, s2) = sorted(savings.items())
     per_layer = (s1 - s2) / (d2 - d1) if d2 != d1 else s1 / max(N - d1, 1)
-    fixed = s1 - per_layer * (N - d1)
     return Costs(
-        full_token=full,
-        head_check=max(t["head"] - t["full"], 0.0),
-        gate={m: max(t[f"gate_{m}"] - t["full"], 0.0) for m in ("probe", "lowrank")},
+        full_token=t["full"],
+        pipeline=t["idle"] - t["full"],
+        head_check=max(t["head"] - t["idle"], 0.0),
+        gate={m: max(t[f"gate_{m}"] - t["idle"], 0.0) for m in ("probe", "lowrank")},
         exit_per_layer=per_layer,
-        exit_fixed=fixed,
+        exit_fixed=s1 - per_layer * (N - d1),
     )

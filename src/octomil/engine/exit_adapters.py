@@ -167,6 +167,9 @@ class ExitPolicyBundle:
         self.probes = probes
         self.path = path
         self._lowrank: LowRankHead | None = None
+        # Set by calibration only: held-out replay data and the timing prompt (saved beside it).
+        self.replay = None
+        self.timing_prompt: list[int] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> ExitPolicyBundle:
