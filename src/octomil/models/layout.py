@@ -20,6 +20,8 @@ LAYOUT_CHOICES = ("auto", "native", *DTYPES)
 # A layout that rounds the weights must be this much faster than the best exact one to be chosen:
 # timings under load are noisy, and precision should not be traded for noise.
 LOSSY_MARGIN = 1.25
+# Timing stops for a layout this many times slower than the fastest after a round.
+DROPOUT_FACTOR = 3.0
 # (in, out) storage is adopted when its matvec takes less than this share of the (out, in) one.
 STORAGE_MARGIN = 0.95
 
@@ -64,12 +66,16 @@ def _time_interleaved(fns: dict[str, Callable[[], mx.array]], rounds: int = 7, r
     for fn in fns.values():
         mx.eval(fn())  # warm-up
     best = {name: float("inf") for name in fns}
+    racing = dict(fns)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, fn in racing.items():
             t = time.perf_counter()
             for _ in range(repeats):
                 mx.eval(fn())
             best[name] = min(best[name], (time.perf_counter() - t) / repeats * 1000)
+        # A candidate several times slower than the leader cannot win: stop re-timing it.
+        leader = min(best[n] for n in racing)
+        racing = {n: f for n, f in racing.items() if best[n] <= DROPOUT_FACTOR * leader}
     return best
 
 
