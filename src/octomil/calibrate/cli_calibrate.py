@@ -85,7 +85,7 @@ def calibrate(
     ] = None,
     tokens: Annotated[
         int, typer.Option("--tokens", min=500, help="Self-distillation tokens to generate")
-    ] = 8000,
+    ] = 14000,
     seed: Annotated[int, typer.Option("--seed", help="Seed: prompt split, sampling, training")] = 0,
     out: Annotated[
         Path | None,
@@ -107,7 +107,12 @@ def calibrate(
             "this machine and re-place each preset's checks",
         ),
     ] = False,
-    dtype: DtypeOpt = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="Weight layout for training data (default float32: exact, reproducible)"
+        ),
+    ] = "float32",
 ) -> None:
     """Train exit adapters and gates for a model; calibrate where each preset checks for exits."""
     parsed = _parse_layers(layers)

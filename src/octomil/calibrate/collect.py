@@ -23,6 +23,7 @@ from mlx_lm.models.base import create_attention_mask
 from octomil.models.anatomy import Anatomy
 
 SAMPLE_TEMPERATURE = 0.8
+SAMPLED_ROUND = 16
 # Tokens (batch rows x padded length) per collection prefill: bounds memory, keeps matmuls large.
 COLLECT_TOKENS_PER_BATCH = 2048
 
@@ -86,12 +87,13 @@ def generate(
 
     out: list[Sequence_] = []
     total = 0
-    # Generate in rounds so the budget can stop before every sampled job has run.
-    round_size = max(1, len(prompts))
-    for start in range(0, len(jobs), round_size):
+    # Every prompt's greedy continuation in one round, then sampled ones in rounds of
+    # SAMPLED_ROUND until the budget is reached (so it overshoots by at most one round).
+    rounds = [jobs[: len(prompts)]]
+    rounds += [jobs[i : i + SAMPLED_ROUND] for i in range(len(prompts), len(jobs), SAMPLED_ROUND)]
+    for batch in rounds:
         if total >= token_budget:
             break
-        batch = jobs[start : start + round_size]
         gen = BatchGenerator(
             model,
             stop_tokens=[[t] for t in sorted(eos_token_ids)],
