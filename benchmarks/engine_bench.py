@@ -13,8 +13,9 @@ What it measures, per configuration, on a fixed chat prompt set of mixed difficu
   token. Deferred catch-up keeps the KV cache equal to the full-depth cache, so every position sees
   exactly the full-depth prefix. The first token comes from the full-depth prefill and is excluded.
 - free-running exact match: share of prompts whose generated sequence equals the full-depth one;
-- parity: stock mlx-lm (``mlx_lm.generate.generate_step``, greedy, on ``engine.loaded.model``, the
-  same fp32 weights) vs Octomil full depth, token for token (expected: 100%).
+- parity: stock mlx-lm (``mlx_lm.generate.generate_step``, greedy, on the same fp32 weights in
+  mlx-lm's own modules, ``octomil.models.loader.load_stock_model``) vs Octomil full depth, token for
+  token (expected: 100%).
 
 Configurations are interleaved per prompt (round-robin, starting point rotated per prompt) so
 machine noise hits all alike; each is warmed up once first. Results go to a JSON file (machine
@@ -53,6 +54,7 @@ from octomil.engine.engine import Engine
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.layer_loop import LayerLoop
 from octomil.engine.types import GenerationRequest, SamplingParams
+from octomil.models.loader import load_stock_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = HERE / "prompts" / "engine_prompts.jsonl"
@@ -129,12 +131,23 @@ def run_octomil(engine: Engine, ids: list[int], config: str, max_tokens: int) ->
     )
 
 
+_STOCK_MODELS: dict[int, object] = {}
+
+
+def stock_model(engine: Engine):
+    """The engine's weights in stock mlx-lm modules (the engine stores them differently)."""
+    if id(engine) not in _STOCK_MODELS:
+        _STOCK_MODELS[id(engine)] = load_stock_model(engine.loaded)
+    return _STOCK_MODELS[id(engine)]
+
+
 def run_stock(engine: Engine, ids: list[int], max_tokens: int) -> Run:
-    """Stock mlx-lm greedy decoding on the engine's own model object, stopping at EOS like it."""
+    """Stock mlx-lm greedy decoding on the same weights, stopping at EOS like the engine."""
     eos = engine.loaded.eos_token_ids
+    model = stock_model(engine)
     start = time.perf_counter()
     stamps, tokens = [], []
-    for token, _ in generate_step(mx.array(ids), engine.loaded.model, max_tokens=max_tokens):
+    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
         stamps.append(time.perf_counter())
         tokens.append(int(token))
         if token in eos:

@@ -16,6 +16,7 @@ from octomil.engine.engine import Engine
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.layer_loop import LayerLoop
 from octomil.engine.types import GenerationRequest, SamplingParams
+from octomil.models.loader import load_stock_model
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +35,7 @@ def engine():
 @pytest.fixture(scope="module")
 def stock_model(engine):
     """The same GGUF weights in stock mlx-lm modules (fp32, nn.Linear): what mlx_lm.generate runs."""
-    from pathlib import Path
-
-    from mlx_lm.utils import dequantize_model
-
-    from octomil.models.gguf import load_gguf
-
-    model, _, _ = load_gguf(Path(engine.loaded.source))
-    dequantize_model(model)
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
-    return model
+    return load_stock_model(engine.loaded)
 
 
 def octomil_tokens(engine, ids, n, settings=None):

@@ -107,3 +107,21 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
         eos_token_ids=_eos_ids(tokenizer, config),
         source=str(source),
     )
+
+
+def load_stock_model(loaded: LoadedModel) -> nn.Module:
+    """The same weights as ``loaded`` in mlx-lm's own modules and dtype, without Octomil's storage
+    changes: the reference that stock ``mlx_lm.generate`` runs, for parity tests and benchmarks."""
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    from octomil.models.layout import DTYPES, is_quantized
+
+    source = Path(loaded.source)
+    model = _load_gguf(source)[0] if source.suffix == ".gguf" else _load_mlx_dir(source)[0]
+    if loaded.layout.layout != "native":
+        if is_quantized(model):
+            dequantize_model(model)
+        model.set_dtype(DTYPES[loaded.layout.layout])
+    mx.eval(model.parameters())
+    return model
