@@ -25,9 +25,15 @@ DtypeOpt = Annotated[
 
 
 class Method(str, Enum):
+    """A decision method's calibrated placement: the fastest one within the preset's budget
+    (what serving uses when it is the policy's choice), or the one using the fewest layers."""
+
     entropy = "entropy"
     probe = "probe"
     lowrank = "lowrank"
+    entropy_fewest = "entropy-fewest-layers"
+    probe_fewest = "probe-fewest-layers"
+    lowrank_fewest = "lowrank-fewest-layers"
 
 
 def _fail(message: str, code: int = 2):
