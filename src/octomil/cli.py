@@ -1,4 +1,5 @@
-"""Command line: ``octomil generate`` (one-shot), ``serve`` and ``models`` (registered by the server).
+"""Command line: ``octomil generate`` (one-shot); ``serve``, ``models``, ``calibrate``, ``eval``
+register themselves from their subsystems.
 
 Heavy imports (mlx, the engine) happen inside commands so ``--help`` and ``--version`` are instant.
 User errors end with one line on stderr and a non-zero exit code, never a traceback.
@@ -25,7 +26,9 @@ app = typer.Typer(
 
 ModelArg = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Alias, local model dir / .gguf, or HF repo id (default: embedded)"),
+    typer.Option(
+        "--model", "-m", help="Alias, local model dir / .gguf, or HF repo id (default: embedded)"
+    ),
 ]
 PresetOpt = Annotated[
     SpeedQuality | None,
@@ -39,7 +42,8 @@ ExitLayersOpt = Annotated[
     str | None,
     typer.Option(
         "--exit-layers",
-        help="Comma-separated depths (1-based) where exits are checked, e.g. 15,22,29 (default: 3 points "
+        help="Comma-separated depths (1-based) where exits are checked, e.g. 15,22,29 "
+        "(default: 3 points "
         "from the minimum depth to the penultimate layer)",
     ),
 ]
@@ -88,7 +92,9 @@ def generate(
     speed_quality: PresetOpt = None,
     early_exit_threshold: ThresholdOpt = None,
     exit_layers: ExitLayersOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to generate")] = 256,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Tokens to generate")
+    ] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
     dtype: DtypeOpt = "auto",
@@ -111,10 +117,15 @@ def generate(
     except (ModelNotAvailableError, ValueError) as exc:
         fail(str(exc))
     try:
-        ids = engine.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": prompt}])
+        ids = (
+            engine.encode(prompt)
+            if raw
+            else engine.encode_chat([{"role": "user", "content": prompt}])
+        )
         gen = engine.generate(
             GenerationRequest(
-                tuple(ids), SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+                tuple(ids),
+                SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
             )
         )
     except EngineInputError as exc:
@@ -156,7 +167,7 @@ def generate(
 
 
 def _register_commands() -> None:
-    """Commands that live beside their subsystem (server, calibration), each with ``register(app)``."""
+    """Commands living beside their subsystem (server, calibration), each with ``register(app)``."""
     import importlib
 
     for module in ("octomil.server.cli_serve", "octomil.calibrate.cli_calibrate"):

@@ -93,6 +93,4 @@ def resolve_early_exit(
         raise ConfigError(
             f"min_layers must be a fraction within (0, 1], got {fraction}", param="min_layers"
         )
-    return EarlyExitSettings(
-        None if threshold is None else float(threshold), fraction, None
-    )
+    return EarlyExitSettings(None if threshold is None else float(threshold), fraction, None)

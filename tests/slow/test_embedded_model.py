@@ -34,7 +34,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def stock_model(engine):
-    """The same GGUF weights in stock mlx-lm modules (fp32, nn.Linear): what mlx_lm.generate runs."""
+    """The same GGUF weights in stock mlx-lm modules (fp32): what mlx_lm.generate runs."""
     return load_stock_model(engine.loaded)
 
 
@@ -55,7 +55,9 @@ def test_loads_as_llama_30_layers_fp32(engine):
 
 def test_chat_markers_are_single_control_tokens(engine):
     ids = engine.encode_chat([{"role": "user", "content": "hi"}])
-    assert ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|> x3 (system, user, assistant), <|im_end|> x2
+    assert (
+        ids.count(1) == 3 and ids.count(2) == 2
+    )  # <|im_start|> x3 (system, user, assistant), <|im_end|> x2
     assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
@@ -89,7 +91,7 @@ def test_presets_change_average_layers_used(engine):
 
 
 def test_exits_keep_the_real_models_cache_exact(engine):
-    """After tokens exit at layer 12/20, a full-depth step sees the same logits as a clean prefill."""
+    """After exits at layers 12/20, a full-depth step sees the logits of a clean forward pass."""
     anatomy, model = engine.loaded.anatomy, engine.loaded.model
     ids = engine.encode_chat([{"role": "user", "content": PROMPTS[2]}])
     forced = [504, 3200, 314, 2114, 28, 260]
@@ -108,7 +110,9 @@ def test_same_seed_same_text(engine):
     ids = engine.encode_chat([{"role": "user", "content": "Say something."}])
 
     def sample():
-        gen = engine.generate(GenerationRequest(tuple(ids), SamplingParams(max_tokens=12, temperature=1.0, seed=7)))
+        gen = engine.generate(
+            GenerationRequest(tuple(ids), SamplingParams(max_tokens=12, temperature=1.0, seed=7))
+        )
         return [e.token_id for e in gen]
 
     assert sample() == sample()
@@ -117,16 +121,27 @@ def test_same_seed_same_text(engine):
 def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "octomil.cli", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_cli_generate_json():
-    out = run_cli("generate", "What is 2+2?", "--max-tokens", "8", "--json", "--speed-quality", "balanced")
+    out = run_cli(
+        "generate", "What is 2+2?", "--max-tokens", "8", "--json", "--speed-quality", "balanced"
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) >= {"text", "early_exit_tokens", "avg_layers_used", "total_layers",
-                         "completion_tokens", "decode_tokens_per_s"}
+    assert set(data) >= {
+        "text",
+        "early_exit_tokens",
+        "avg_layers_used",
+        "total_layers",
+        "completion_tokens",
+        "decode_tokens_per_s",
+    }
     assert data["total_layers"] == 30 and 1 <= data["completion_tokens"] <= 8
 
 

@@ -11,7 +11,11 @@ from octomil.config import ConfigError, SpeedQuality, resolve_early_exit
 )
 def test_presets(preset, threshold, fraction):
     s = resolve_early_exit(preset)
-    assert (s.threshold, s.min_layers_fraction, s.preset) == (threshold, fraction, SpeedQuality(preset))
+    assert (s.threshold, s.min_layers_fraction, s.preset) == (
+        threshold,
+        fraction,
+        SpeedQuality(preset),
+    )
 
 
 def test_preset_overrides_explicit_threshold():

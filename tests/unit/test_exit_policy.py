@@ -1,4 +1,4 @@
-"""Where exits are checked (``octomil.engine.exit_policy``): only at depths that can pay for a check."""
+"""Where exits are checked (``octomil.engine.exit_policy``): only where a check can pay."""
 
 import octomil  # noqa: F401, I001  (loads OpenBLAS; must precede every mlx import)
 
@@ -27,7 +27,9 @@ def test_last_layer_is_never_a_candidate():
 
 
 def test_user_layers_are_kept_within_range():
-    policy = ExitPolicy.from_settings(resolve_early_exit("balanced"), 30, exit_layers=(3, 16, 29, 30, 40))
+    policy = ExitPolicy.from_settings(
+        resolve_early_exit("balanced"), 30, exit_layers=(3, 16, 29, 30, 40)
+    )
     assert policy.exit_layers == (16, 29)
 
 

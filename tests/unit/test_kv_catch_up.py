@@ -23,8 +23,14 @@ TOL = dict(atol=1e-4, rtol=1e-4)  # rows batched differently round differently i
 def model():
     mx.random.seed(0)
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=LAYERS, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=256,
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=LAYERS,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=256,
     )
     m = llama.Model(args)
     mx.eval(m.parameters())
@@ -98,7 +104,9 @@ def test_flush_leaves_the_full_depth_cache(model):
     for i, (got, want) in enumerate(zip(loop.cache, ref_cache)):
         assert got.offset == want.offset == n, f"layer {i}"
         assert mx.allclose(got.keys[..., :n, :], want.keys[..., :n, :], **TOL), f"keys, layer {i}"
-        assert mx.allclose(got.values[..., :n, :], want.values[..., :n, :], **TOL), f"values, layer {i}"
+        assert mx.allclose(got.values[..., :n, :], want.values[..., :n, :], **TOL), (
+            f"values, layer {i}"
+        )
 
 
 def test_cache_offsets_track_pending_rows(model):

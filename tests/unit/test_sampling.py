@@ -35,7 +35,9 @@ def test_different_seeds_differ(logits):
 
 
 def test_top_k_one_is_greedy(logits):
-    assert set(draw(SamplingParams(temperature=1.5, top_k=1, seed=0), logits)) == {int(mx.argmax(logits).item())}
+    assert set(draw(SamplingParams(temperature=1.5, top_k=1, seed=0), logits)) == {
+        int(mx.argmax(logits).item())
+    }
 
 
 def test_top_p_keeps_only_the_nucleus(logits):
@@ -61,5 +63,7 @@ def test_logprobs_are_log_softmax(logits):
 def test_repetition_penalty_lowers_repeated_token(logits):
     top = int(mx.argmax(logits).item())
     plain = Sampler(SamplingParams(), VOCAB)(logits, [top]).logprobs[top].item()
-    penalised = Sampler(SamplingParams(repetition_penalty=1.5), VOCAB)(logits, [top]).logprobs[top].item()
+    penalised = (
+        Sampler(SamplingParams(repetition_penalty=1.5), VOCAB)(logits, [top]).logprobs[top].item()
+    )
     assert penalised < plain

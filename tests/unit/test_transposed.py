@@ -25,7 +25,12 @@ def test_transposed_greedy_equals_stock(variant, byte_tokenizer):
     transpose_for_decode(ours)
     assert any(isinstance(m, TransposedLinear) for _, m in ours.named_modules())
     want = [int(t) for t, _ in generate_step(mx.array(PROMPT), stock, max_tokens=24)]
-    got = [e.token_id for e in tiny_engine(ours, byte_tokenizer).generate(GenerationRequest(tuple(PROMPT), GREEDY))]
+    got = [
+        e.token_id
+        for e in tiny_engine(ours, byte_tokenizer).generate(
+            GenerationRequest(tuple(PROMPT), GREEDY)
+        )
+    ]
     assert got == want
 
 

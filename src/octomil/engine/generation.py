@@ -69,7 +69,7 @@ class Generation:
 
     @property
     def _runs_ahead(self) -> bool:
-        """No exit check can happen, so step i+1 can be queued before token i is read (as mlx-lm)."""
+        """No exit check can happen: step i+1 is queued before token i is read (as mlx-lm)."""
         no_checks = self._policy is None or not self._policy.exit_layers
         return no_checks and not self._sampler.needs_history
 
@@ -86,7 +86,9 @@ class Generation:
         full_depth = self._loop.num_layers
         ahead = self._runs_ahead
         history = list(self._prompt)
-        pending = self._select(StepResult(self._loop.prefill(self._prompt), full_depth, None, False), history)
+        pending = self._select(
+            StepResult(self._loop.prefill(self._prompt), full_depth, None, False), history
+        )
         first_token_at = None
         for i in range(self._params.max_tokens):
             if self._cancelled.is_set():
@@ -131,13 +133,17 @@ class Generation:
         if step.entropy is not None:
             s.entropies.append(step.entropy)
 
-    def _event(self, token: int, text: str, step: StepResult, logprobs: Any, finish: str | None) -> TokenEvent:
+    def _event(
+        self, token: int, text: str, step: StepResult, logprobs: Any, finish: str | None
+    ) -> TokenEvent:
         chosen, alternatives = None, ()
         k = self._params.logprobs
         if k is not None:
             decode = self._tokenizer.decode
             chosen = TokenLogprob(token, decode([token]), float(logprobs[token].item()))
-            alternatives = tuple(TokenLogprob(t, decode([t]), lp) for t, lp in top_logprobs(logprobs, k))
+            alternatives = tuple(
+                TokenLogprob(t, decode([t]), lp) for t, lp in top_logprobs(logprobs, k)
+            )
         return TokenEvent(
             token_id=token,
             text=text,

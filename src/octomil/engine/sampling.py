@@ -75,5 +75,5 @@ def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
         return []
     idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
     vals = logprobs[idx]
-    pairs = sorted(zip(idx.tolist(), vals.tolist()), key=lambda p: -p[1])
+    pairs = sorted(zip(idx.tolist(), vals.tolist(), strict=True), key=lambda p: -p[1])
     return [(int(i), float(v)) for i, v in pairs]

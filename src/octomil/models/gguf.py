@@ -76,7 +76,7 @@ def _quant_params(weights: dict[str, mx.array], prefix: str, in_features: int) -
 
 
 def load_gguf(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Return ``(model, config, metadata)``; quantized tensors stay quantized (layout chosen later)."""
+    """``(model, config, metadata)``; quantized tensors stay quantized (layout chosen later)."""
     from mlx_lm.models import llama
 
     raw, meta = mx.load(str(path), return_metadata=True)

@@ -19,9 +19,7 @@ def _pre_tokenizer(pre: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact"):
         # These models split digits one by one before the byte-level split.
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     return byte_level
 
 
@@ -32,7 +30,9 @@ def build_tokenizer(metadata: dict[str, Any]):
 
     kind = str(metadata.get("tokenizer.ggml.model", ""))
     if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+        raise ValueError(
+            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')"
+        )
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
     types = metadata.get("tokenizer.ggml.token_type")
@@ -46,7 +46,7 @@ def build_tokenizer(metadata: dict[str, Any]):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     special = [
         AddedToken(t, special=True, normalized=False)
-        for t, ty in zip(tokens, types)
+        for t, ty in zip(tokens, types, strict=True)
         if ty in (_CONTROL, _USER_DEFINED)
     ]
     tok.add_special_tokens(special)

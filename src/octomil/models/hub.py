@@ -10,7 +10,15 @@ from octomil.models.errors import ModelNotAvailableError
 
 _HUB_HOST = "huggingface.co"
 # Weights and tokenizer files mlx-lm needs from a repo.
-_ALLOW = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+_ALLOW = [
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
 
 
 def cached_snapshot(repo: str) -> Path | None:
@@ -45,7 +53,8 @@ def fetch(repo: str, alias: str | None = None) -> Path:
     )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelNotAvailableError(
-            f"model {label} is not available offline (not in the local cache, HF_HUB_OFFLINE=1): {hint}"
+            f"model {label} is not available offline (not in the local cache, "
+            f"HF_HUB_OFFLINE=1): {hint}"
         )
     if not _hub_reachable():
         raise ModelNotAvailableError(

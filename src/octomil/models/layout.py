@@ -40,15 +40,20 @@ class LayoutChoice:
             what += " (in, out)"
         if not self.measured:
             return f"{what} (requested)"
-        times = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.timings_ms.items(), key=lambda kv: kv[1]))
+        times = ", ".join(
+            f"{k} {v:.2f} ms" for k, v in sorted(self.timings_ms.items(), key=lambda kv: kv[1])
+        )
         text = f"{what} (measured per-token matvec: {times}"
         if self.storage_ms:
-            text += f"; storage (out, in) {self.storage_ms[0]:.2f} ms vs (in, out) {self.storage_ms[1]:.2f} ms"
+            out_in, in_out = self.storage_ms
+            text += f"; storage (out, in) {out_in:.2f} ms vs (in, out) {in_out:.2f} ms"
         return text + ")"
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    )
 
 
 def native_description(model: nn.Module) -> str:
@@ -61,7 +66,9 @@ def native_description(model: nn.Module) -> str:
     return "native"
 
 
-def _time_interleaved(fns: dict[str, Callable[[], mx.array]], rounds: int = 7, repeats: int = 10) -> dict[str, float]:
+def _time_interleaved(
+    fns: dict[str, Callable[[], mx.array]], rounds: int = 7, repeats: int = 10
+) -> dict[str, float]:
     """Best-of-rounds milliseconds per call; candidates alternate so load spikes hit all alike."""
     for fn in fns.values():
         mx.eval(fn())  # warm-up
@@ -86,7 +93,9 @@ def _in_features(m: nn.Module) -> int:
 
 def _largest_projection(layer: nn.Module) -> nn.Module | None:
     """The largest projection of a decoder layer, to time in every layout."""
-    linears = [m for _, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    linears = [
+        m for _, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    ]
     return max(linears, key=lambda m: m.weight.shape[0] * _in_features(m), default=None)
 
 

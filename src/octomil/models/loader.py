@@ -84,16 +84,22 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
         elif source.is_dir():
             model, tokenizer, config = _load_mlx_dir(source)
         else:
-            raise ModelNotAvailableError(f"{source} is neither a .gguf file nor an mlx-lm model directory")
+            raise ModelNotAvailableError(
+                f"{source} is neither a .gguf file nor an mlx-lm model directory"
+            )
     except ModelNotAvailableError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise ModelNotAvailableError(f"could not load model {spec.name!r} from {source}: {exc}") from None
+        raise ModelNotAvailableError(
+            f"could not load model {spec.name!r} from {source}: {exc}"
+        ) from None
 
     native = native_description(model)
     layout = apply_layout(model, choose_layout(model, dtype))
     context = int(
-        config.get("max_position_embeddings") or getattr(model.args, "max_position_embeddings", 0) or 4096
+        config.get("max_position_embeddings")
+        or getattr(model.args, "max_position_embeddings", 0)
+        or 4096
     )
     return LoadedModel(
         name=spec.name,

@@ -1,9 +1,10 @@
 """Decode-friendly weight storage: linear weights kept as contiguous (in, out) matrices.
 
-mlx stores ``nn.Linear`` weights as (out, in) and computes ``x @ W.T``; with one token per step that is a
-matrix-vector product which, on MLX's CPU backend with OpenBLAS, runs markedly faster when the weight
-is stored transposed and contiguous (the BLAS call becomes a plain no-transpose product). The math is
-the same product; the loader times both storages and keeps this one only when it is faster.
+mlx stores ``nn.Linear`` weights as (out, in) and computes ``x @ W.T``; with one token per step
+that is a matrix-vector product which, on MLX's CPU backend with OpenBLAS, runs markedly faster
+when the weight is stored transposed and contiguous (the BLAS call becomes a plain no-transpose
+product). The math is the same product; the loader times both storages and keeps this one only
+when it is faster.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class TransposedLinear(nn.Module):
 
 
 class TransposedEmbedding(nn.Module):
-    """A tied embedding stored as (dims, vocab): a row lookup for inputs, a plain product as head."""
+    """A tied embedding stored (dims, vocab): column lookup for inputs, plain product as head."""
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
@@ -46,7 +47,11 @@ def transpose_for_decode(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
             replacements.append((name, TransposedLinear(module)))
-        elif type(module) is nn.Embedding and name.endswith("embed_tokens") and not hasattr(model, "lm_head"):
+        elif (
+            type(module) is nn.Embedding
+            and name.endswith("embed_tokens")
+            and not hasattr(model, "lm_head")
+        ):
             replacements.append((name, TransposedEmbedding(module)))
     if replacements:
         from mlx.utils import tree_unflatten
