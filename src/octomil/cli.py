@@ -98,6 +98,14 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
     dtype: DtypeOpt = "auto",
+    exit_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="Exit policy: a calibrated policy directory, 'lens' (raw shared head) or 'none' "
+            "(default: the calibrated policy found for the model)",
+            envvar="OCTOMIL_EXIT_POLICY",
+        ),
+    ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
@@ -113,7 +121,9 @@ def generate(
     from octomil.models.errors import ModelNotAvailableError
 
     try:
-        engine = Engine.load(model, dtype=dtype, early_exit=settings, exit_layers=layers)
+        engine = Engine.load(
+            model, dtype=dtype, early_exit=settings, exit_layers=layers, exit_policy=exit_policy
+        )
     except (ModelNotAvailableError, ValueError) as exc:
         fail(str(exc))
     try:
@@ -133,6 +143,8 @@ def generate(
     if not as_json:
         typer.echo(f"[engine] Selected: {engine.selection}", err=True)
         typer.echo(f"[early-exit] {settings.describe()}", err=True)
+        if settings.enabled:
+            typer.echo(f"[early-exit] Policy: {engine.exit_choice.status}", err=True)
     pieces = []
     for event in gen:
         pieces.append(event.text)

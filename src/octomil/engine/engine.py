@@ -90,6 +90,8 @@ class Engine:
         how = "fastest" if self.loaded.layout.measured else "requested"
         weights = self.loaded.layout.layout
         weights = self.loaded.native_layout if weights == "native" else weights
+        if self.loaded.layout.transposed:
+            weights += " (in, out)"
         return f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
 
     def policy_for(self, settings: EarlyExitSettings | None, method: str | None = None) -> ExitPolicy | None:

@@ -96,6 +96,14 @@ def serve(
         ),
     ] = True,
     dtype: Annotated[str, typer.Option(help="Weight dtype: auto, float32, float16, ...")] = "auto",
+    exit_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="Exit policy: a calibrated policy directory, 'lens' (raw shared head) or 'none' "
+            "(default: the calibrated policy found for the model).",
+            envvar="OCTOMIL_EXIT_POLICY",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
@@ -121,6 +129,7 @@ def serve(
             default_max_tokens,
             telemetry_headers,
             dtype,
+            exit_policy,
             log_level,
         )
     finally:
@@ -139,6 +148,7 @@ def _run(
     default_max_tokens: int,
     telemetry_headers: bool,
     dtype: str,
+    exit_policy: str | None,
     log_level: str,
 ) -> None:
     import uvicorn
@@ -149,7 +159,7 @@ def _run(
     from octomil.server.serving import ServeOptions
 
     client = EngineClient(
-        lambda: Engine.load(model, dtype=dtype, early_exit=settings),
+        lambda: Engine.load(model, dtype=dtype, early_exit=settings, exit_policy=exit_policy),
         max_concurrency=max_concurrency,
         max_running=max_running,
     )
@@ -164,6 +174,8 @@ def _run(
     print(f"[engine] Selected: {engine.selection}", flush=True)
     print(f"[early-exit] {engine.default_early_exit.describe()}", flush=True)
     print(f"[serve] Listening on http://{host}:{port}", flush=True)
+    if settings.enabled:
+        print(f"[early-exit] Policy: {engine.exit_choice.status}", flush=True)
     options = ServeOptions(
         api_key=api_key,
         max_concurrency=max_concurrency,
