@@ -96,6 +96,7 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
 
     native = native_description(model)
     layout = apply_layout(model, choose_layout(model, dtype))
+    log.info("[engine] %s weights: %s", spec.name, layout.describe(native))
     context = int(
         config.get("max_position_embeddings")
         or getattr(model.args, "max_position_embeddings", 0)
