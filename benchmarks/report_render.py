@@ -28,6 +28,7 @@ COLORS = {FULL: "#4c72b0", STOCK: "#8c8c8c", Q4: "#b0b0b0", LLAMA: "#937860", LL
 COLORS |= dict(zip(PRESETS, ("#55a868", "#dd8452", "#c44e52"), strict=True))
 MARKERS = dict(zip(CONFIGS, "osD^vPXh", strict=True))
 MB = 1e6
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -175,15 +176,15 @@ def _header(result: dict) -> list[str]:
         para(f"""- Model: {m["model"]} ({m["total_layers"]} layers), GGUF `{Path(m["gguf"]).name}`
         ({m["gguf_bytes"] / MB:.1f} MB)."""),
         para(f"""- Date {m["date"]}, commit `{m["git_commit"]}`, wall time
-        {result["wall_time_s"]:.0f} s. 1-minute load average during the run {min(loads):.1f} to
-        {max(loads):.1f}: other processes shared the cores."""),
+        {result["wall_time_s"]:.0f} s. 1-minute load average during the run, this run's own
+        processes included: {min(loads):.1f} to {max(loads):.1f}."""),
         para(f"""- Workload: {st["prompts"]} chat prompts from `{st["prompts_file"]}`
         ({min(st["prompt_tokens"])} to {max(st["prompt_tokens"])} prompt tokens), greedy, exactly
         {st["max_tokens"]} new tokens each (EOS ignored); stock 4-bit on
         {len(st["q4_prompt_indices"])} of them. Long-prompt prefill: one
         {st["long_prompt_tokens"]}-token prompt, {st["long_prompt_reps"]} times."""),
         *_quiet(result),
-        f"- Early exit: {result['infos'][FULL]['exit_policy']}",
+        f"- Early exit: {result['infos'][FULL]['exit_policy'].replace(REPO + '/', '')}",
         para(f"- llama.cpp: {llama}"),
     ]
 
