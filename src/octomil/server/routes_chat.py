@@ -88,43 +88,39 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = serving.run(state, stream, arrival=arrival, prompt_tokens=len(prompt))
 
-        def chunk(delta: dict, event: TokenEvent | None = None, finish: str | None = None) -> dict:
+        def choice(event: TokenEvent) -> dict:
+            finish = event.finish_reason
             logprobs = None
-            if want_logprobs and event is not None and (lp := _token_logprob(event)):
+            if want_logprobs and (lp := _token_logprob(event)):
                 logprobs = {"content": [lp.model_dump()]}
-            return {
+            delta = {"content": event.text} if event.text or finish is None else {}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+        chunks = sse.completion_chunks(
+            events,
+            {
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": state.engine.model_id,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-                ],
-            }
-
-        async def chunks():  # noqa: ANN202
-            yield chunk({"role": "assistant", "content": ""})
-            async for event in events:
-                if event.finish_reason is None:
-                    if event.text or (want_logprobs and event.logprob):
-                        yield chunk({"content": event.text}, event)
-                    continue
-                last = chunk(
-                    {"content": event.text} if event.text else {}, event, event.finish_reason
-                )
-                last["early_exit"] = telemetry.early_exit_usage(stream.stats).model_dump()
-                yield last
-            if include_usage:
-                yield {
-                    "id": request_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": state.engine.model_id,
-                    "choices": [],
-                    "usage": telemetry.usage(stream.stats, len(prompt)).model_dump(),
-                }
-
-        return sse.response(chunks(), on_close=stream.cancel)
+            },
+            choice,
+            first_choice={
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            },
+            final_extras=lambda: {
+                "early_exit": telemetry.early_exit_usage(stream.stats).model_dump()
+            },
+            usage=(
+                (lambda: telemetry.usage(stream.stats, len(prompt)).model_dump())
+                if include_usage
+                else None
+            ),
+        )
+        return sse.response(chunks, on_close=stream.cancel)
 
     done = await serving.collect(
         state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw

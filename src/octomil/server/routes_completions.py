@@ -84,40 +84,36 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = serving.run(state, stream, arrival=arrival, prompt_tokens=len(prompt))
 
-        def chunk(text: str, event: TokenEvent | None, finish: str | None) -> dict:
+        def choice(event: TokenEvent) -> dict:
             logprobs = None
-            if want_logprobs and event is not None and event.logprob is not None:
+            if want_logprobs and event.logprob is not None:
                 logprobs = _logprobs([event]).model_dump()
             return {
+                "index": 0,
+                "text": event.text,
+                "logprobs": logprobs,
+                "finish_reason": event.finish_reason,
+            }
+
+        chunks = sse.completion_chunks(
+            events,
+            {
                 "id": request_id,
                 "object": "text_completion",
                 "created": created,
                 "model": state.engine.model_id,
-                "choices": [
-                    {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-                ],
-            }
-
-        async def chunks():  # noqa: ANN202
-            async for event in events:
-                if event.finish_reason is None:
-                    if event.text or (want_logprobs and event.logprob):
-                        yield chunk(event.text, event, None)
-                    continue
-                last = chunk(event.text, event, event.finish_reason)
-                last["early_exit"] = telemetry.early_exit_usage(stream.stats).model_dump()
-                yield last
-            if include_usage:
-                yield {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": state.engine.model_id,
-                    "choices": [],
-                    "usage": telemetry.usage(stream.stats, len(prompt)).model_dump(),
-                }
-
-        return sse.response(chunks(), on_close=stream.cancel)
+            },
+            choice,
+            final_extras=lambda: {
+                "early_exit": telemetry.early_exit_usage(stream.stats).model_dump()
+            },
+            usage=(
+                (lambda: telemetry.usage(stream.stats, len(prompt)).model_dump())
+                if include_usage
+                else None
+            ),
+        )
+        return sse.response(chunks, on_close=stream.cancel)
 
     done = await serving.collect(
         state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw

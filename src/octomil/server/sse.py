@@ -16,6 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from octomil.config import ConfigError
 from octomil.engine.errors import EngineInputError
+from octomil.engine.types import TokenEvent
 from octomil.server.errors import APIError, error_body
 
 logger = logging.getLogger("octomil.server")
@@ -49,6 +50,34 @@ async def _frames(
         if on_close is not None:
             on_close()
     yield {"data": DONE}
+
+
+async def completion_chunks(
+    events: AsyncIterator[TokenEvent],
+    envelope: dict[str, Any],
+    choice: Callable[[TokenEvent], dict[str, Any]],
+    *,
+    final_extras: Callable[[], dict[str, Any]],
+    usage: Callable[[], dict[str, Any]] | None,
+    first_choice: dict[str, Any] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI streaming chunks (chat or text completion, by ``envelope`` and ``choice``).
+
+    One chunk per token that brings text or a logprob, the last one (with ``finish_reason``) also
+    carrying ``final_extras()``; then, when ``usage`` is given, a chunk with no choices and usage.
+    """
+    if first_choice is not None:
+        yield {**envelope, "choices": [first_choice]}
+    async for event in events:
+        final = event.finish_reason is not None
+        if not final and not event.text and event.logprob is None:
+            continue  # e.g. text held back while a stop string may still match
+        chunk = {**envelope, "choices": [choice(event)]}
+        if final:
+            chunk.update(final_extras())
+        yield chunk
+    if usage is not None:
+        yield {**envelope, "choices": [], "usage": usage()}
 
 
 def response(
