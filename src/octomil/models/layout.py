@@ -154,18 +154,24 @@ def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
     return LayoutChoice(best, timings, measured=True)
 
 
+def convert_precision(model: nn.Module, layout: str) -> None:
+    """Dequantize (if quantized) and cast ``model`` in place to ``layout``; "native" is a no-op."""
+    if layout == "native":
+        return
+    from mlx_lm.utils import dequantize_model
+
+    if is_quantized(model):
+        dequantize_model(model)
+    model.set_dtype(DTYPES[layout])
+    mx.eval(model.parameters())
+
+
 def apply_layout(model: nn.Module, choice: LayoutChoice) -> LayoutChoice:
     """Convert ``model`` in place; then store float weights (in, out) if measured faster.
 
     Returns the choice with the storage decision filled in.
     """
-    if choice.layout != "native":
-        from mlx_lm.utils import dequantize_model
-
-        if is_quantized(model):
-            dequantize_model(model)
-        model.set_dtype(DTYPES[choice.layout])
-        mx.eval(model.parameters())
+    convert_precision(model, choice.layout)
     storage = measure_storage(model)
     if storage is None or storage[1] >= STORAGE_MARGIN * storage[0]:
         return replace(choice, storage_ms=storage)

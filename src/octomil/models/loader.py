@@ -12,7 +12,13 @@ import mlx.nn as nn
 from octomil.models import registry
 from octomil.models.anatomy import Anatomy, anatomy_of, model_family
 from octomil.models.errors import ModelNotAvailableError
-from octomil.models.layout import LayoutChoice, apply_layout, choose_layout, native_description
+from octomil.models.layout import (
+    LayoutChoice,
+    apply_layout,
+    choose_layout,
+    convert_precision,
+    native_description,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,15 @@ def _load_mlx_dir(path: Path) -> tuple[nn.Module, Any, dict]:
     return model, wrapper._tokenizer, config
 
 
+def _read(source: Path) -> tuple[nn.Module, Any, dict]:
+    """``(model, tokenizer, config)`` from a .gguf file or an mlx-lm model directory."""
+    if source.is_file() and source.suffix == ".gguf":
+        return _load_gguf(source)
+    if source.is_dir():
+        return _load_mlx_dir(source)
+    raise ModelNotAvailableError(f"{source} is neither a .gguf file nor an mlx-lm model directory")
+
+
 def _eos_ids(tokenizer: Any, config: dict) -> frozenset[int]:
     ids = set()
     eos = config.get("eos_token_id")
@@ -79,14 +94,7 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
         source = fetch(spec.hf_repo or spec.name, alias=spec.name)
 
     try:
-        if source.is_file() and source.suffix == ".gguf":
-            model, tokenizer, config = _load_gguf(source)
-        elif source.is_dir():
-            model, tokenizer, config = _load_mlx_dir(source)
-        else:
-            raise ModelNotAvailableError(
-                f"{source} is neither a .gguf file nor an mlx-lm model directory"
-            )
+        model, tokenizer, config = _read(source)
     except ModelNotAvailableError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as exc:
@@ -119,16 +127,6 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
 def load_stock_model(loaded: LoadedModel) -> nn.Module:
     """The same weights as ``loaded`` in mlx-lm's own modules and dtype, without Octomil's storage
     changes: the reference that stock ``mlx_lm.generate`` runs, for parity tests and benchmarks."""
-    import mlx.core as mx
-    from mlx_lm.utils import dequantize_model
-
-    from octomil.models.layout import DTYPES, is_quantized
-
-    source = Path(loaded.source)
-    model = _load_gguf(source)[0] if source.suffix == ".gguf" else _load_mlx_dir(source)[0]
-    if loaded.layout.layout != "native":
-        if is_quantized(model):
-            dequantize_model(model)
-        model.set_dtype(DTYPES[loaded.layout.layout])
-    mx.eval(model.parameters())
+    model = _read(Path(loaded.source))[0]
+    convert_precision(model, loaded.layout.layout)
     return model
