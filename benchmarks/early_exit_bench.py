@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine_bench import cpu_model
+
 from octomil.calibrate.evaluate import (
     PromptResult,
     Run,
@@ -158,7 +160,7 @@ def main() -> None:
         "git_commit": _git("rev-parse", "HEAD"),
         "machine": {
             "platform": platform.platform(),
-            "cpu": _cpu(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
         },
         "model": engine.model_id,
@@ -217,16 +219,6 @@ def _git(*args: str) -> str | None:
         ).stdout.strip()
     except OSError:
         return None
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

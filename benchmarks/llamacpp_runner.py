@@ -19,23 +19,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from proc_memory import process_rss
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def memory() -> dict:
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return {
-        "rss_peak_bytes": None if hwm is None else hwm * 1024,
-        "rss_bytes": None if rss is None else rss * 1024,
-    }
+memory = process_rss
 
 
 def set_extra_buffers(enabled: bool) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from proc_memory import process_rss
 
 from octomil import blas
 
@@ -39,22 +40,9 @@ OCTOMIL_PRESETS |= {"octomil-balanced": "balanced", "octomil-fast": "fast"}
 # --- memory ------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def memory() -> dict:
     """Process peak/current RSS (kernel) and MLX allocator peak/active (bytes)."""
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return {
-        "rss_peak_bytes": None if hwm is None else hwm * 1024,
-        "rss_bytes": None if rss is None else rss * 1024,
+    return process_rss() | {
         "mlx_peak_bytes": mx.get_peak_memory(),
         "mlx_active_bytes": mx.get_active_memory(),
     }
@@ -151,11 +139,9 @@ class StockWorker:
 
         self.model, _, _ = load_gguf(gguf)
         if config == "mlx-lm-fp32":
-            from mlx_lm.utils import dequantize_model
+            from octomil.models.layout import convert_precision
 
-            self.model = dequantize_model(self.model)
-            self.model.set_dtype(mx.float32)
-            mx.eval(self.model.parameters())
+            convert_precision(self.model, "float32")
         self.info = weight_bytes(self.model) | {
             "description": "mlx-lm llama.Model + generate_step, "
             + (
