@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
-from octomil.server import serving, sse, telemetry
+from octomil.server import serving, telemetry
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     AssistantMessage,
@@ -86,7 +86,6 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = serving.run(state, stream, arrival=arrival, prompt_tokens=len(prompt))
 
         def choice(event: TokenEvent) -> dict:
             finish = event.finish_reason
@@ -96,31 +95,26 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             delta = {"content": event.text} if event.text or finish is None else {}
             return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-        chunks = sse.completion_chunks(
-            events,
-            {
+        return serving.stream_response(
+            state,
+            stream,
+            arrival=arrival,
+            prompt_tokens=len(prompt),
+            envelope={
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": state.engine.model_id,
             },
-            choice,
+            choice=choice,
+            include_usage=include_usage,
             first_choice={
                 "index": 0,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
             },
-            final_extras=lambda: {
-                "early_exit": telemetry.early_exit_usage(stream.stats).model_dump()
-            },
-            usage=(
-                (lambda: telemetry.usage(stream.stats, len(prompt)).model_dump())
-                if include_usage
-                else None
-            ),
         )
-        return sse.response(chunks, on_close=stream.cancel)
 
     done = await serving.collect(
         state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent
-from octomil.server import serving, sse, telemetry
+from octomil.server import serving, telemetry
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     CompletionChoice,
@@ -82,7 +82,6 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = serving.run(state, stream, arrival=arrival, prompt_tokens=len(prompt))
 
         def choice(event: TokenEvent) -> dict:
             logprobs = None
@@ -95,25 +94,20 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
                 "finish_reason": event.finish_reason,
             }
 
-        chunks = sse.completion_chunks(
-            events,
-            {
+        return serving.stream_response(
+            state,
+            stream,
+            arrival=arrival,
+            prompt_tokens=len(prompt),
+            envelope={
                 "id": request_id,
                 "object": "text_completion",
                 "created": created,
                 "model": state.engine.model_id,
             },
-            choice,
-            final_extras=lambda: {
-                "early_exit": telemetry.early_exit_usage(stream.stats).model_dump()
-            },
-            usage=(
-                (lambda: telemetry.usage(stream.stats, len(prompt)).model_dump())
-                if include_usage
-                else None
-            ),
+            choice=choice,
+            include_usage=include_usage,
         )
-        return sse.response(chunks, on_close=stream.cancel)
 
     done = await serving.collect(
         state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw

@@ -8,13 +8,16 @@ Routes stay thin: they fetch :class:`ServingState` from ``app.state``, call
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
+from sse_starlette.sse import EventSourceResponse
 
 from octomil.config import EarlyExitSettings, resolve_early_exit
 from octomil.engine.types import GenerationRequest, GenerationStats, SamplingParams, TokenEvent
+from octomil.server import sse, telemetry
 from octomil.server.engine_client import (
     EngineClient,
     EngineLike,
@@ -212,6 +215,33 @@ class Collected:
     events: list[TokenEvent]
     finish_reason: str
     stats: GenerationStats
+
+
+def stream_response(
+    state: ServingState,
+    stream: GenerationStream,
+    *,
+    arrival: float,
+    prompt_tokens: int,
+    envelope: dict[str, Any],
+    choice: Callable[[TokenEvent], dict[str, Any]],
+    include_usage: bool,
+    first_choice: dict[str, Any] | None = None,
+) -> EventSourceResponse:
+    """SSE response of a streaming completion: token chunks, early-exit figures in the final one,
+    then the usage chunk when asked for; disconnecting cancels the generation."""
+    stats = stream.stats
+    chunks = sse.completion_chunks(
+        run(state, stream, arrival=arrival, prompt_tokens=prompt_tokens),
+        envelope,
+        choice,
+        first_choice=first_choice,
+        final_extras=lambda: {"early_exit": telemetry.early_exit_usage(stats).model_dump()},
+        usage=(
+            (lambda: telemetry.usage(stats, prompt_tokens).model_dump()) if include_usage else None
+        ),
+    )
+    return sse.response(chunks, on_close=stream.cancel)
 
 
 async def collect(
