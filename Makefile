@@ -15,11 +15,13 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@if [ "$$(uname -s)" = Linux ] && [ ! -e "$(OPENBLAS)" ]; then \
-	  echo "[setup] installing OpenBLAS (libopenblas0-pthread)"; \
+	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's one-row product
+	@# route (octomil/native/gemv_route.c) and MLX's mx.compile kernels.
+	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null; }; then \
+	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and a C compiler (gcc)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread) \
-	    || echo "[setup] warning: could not install OpenBLAS; MLX will use its slow reference BLAS"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc) \
+	    || echo "[setup] warning: could not install OpenBLAS/gcc; MLX's CPU products stay slow"; \
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -2,7 +2,9 @@
 
 MLX's Linux CPU wheel links the reference (netlib) BLAS: a 32x576 @ 576x1536 matmul takes ~26 ms
 there and ~0.8 ms with OpenBLAS. Loading OpenBLAS with ``RTLD_GLOBAL`` before ``mlx.core`` is
-imported makes the dynamic linker resolve MLX's ``cblas_*``/``sgemm_`` symbols to it.
+imported makes the dynamic linker resolve MLX's ``cblas_*``/``sgemm_`` symbols to it, except
+``cblas_sgemm`` itself, which ``octomil.gemv_route`` places ahead of it to send one-row products
+to sgemv.
 This module must not import mlx itself.
 """
 
@@ -12,6 +14,8 @@ import ctypes
 import os
 import sys
 import warnings
+
+from octomil import gemv_route
 
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -44,9 +48,14 @@ def preload() -> str | None:
     for path in ((override,) if override else ()) + _CANDIDATES:
         if path and os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                # Opened locally first so the one-row route can be bound to it and then placed
+                # ahead of it in the global scope; the second open makes the same object global.
+                library = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
             except OSError:
                 continue
+            if gemv_route.load_before_blas():
+                gemv_route.bind(library)
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             _loaded = path
             _reason = "loaded"
             return path
@@ -58,7 +67,8 @@ def preload() -> str | None:
 def describe() -> str:
     """One line for the startup log naming the BLAS in use."""
     if _loaded:
-        return f"OpenBLAS ({_loaded})"
+        route = "one-row products via sgemv" if gemv_route.active() else gemv_route.reason()
+        return f"OpenBLAS ({_loaded}; {route})"
     if sys.platform == "darwin":
         return "Accelerate"
     return f"reference BLAS ({_reason})"

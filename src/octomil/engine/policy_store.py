@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from octomil.user_cache import cache_dir
 
 FORMAT = "octomil-exit-policy"
 FORMAT_VERSION = 1
@@ -200,10 +201,6 @@ def weights_hash(source: str | Path) -> str:
 
 
 # --- where policies live --------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OCTOMIL_CACHE") or Path.home() / ".cache" / "octomil")
 
 
 def user_policy_dir(model_id: str) -> Path:

@@ -1,0 +1,60 @@
+/*
+ * One-row matrix products for MLX's Linux CPU backend.
+ *
+ * MLX computes every fp32 matmul with cblas_sgemm, also when one side is a single row or column
+ * (decoding one token). OpenBLAS 0.3.21's sgemm packs the whole weight matrix for such a call,
+ * so a 576x1536 matrix-vector product takes ~0.15 ms instead of ~0.03 ms through sgemv. This
+ * object defines cblas_sgemm, is loaded globally before OpenBLAS so the dynamic linker binds
+ * MLX to it, sends single-row/column products to sgemv and everything else to OpenBLAS's sgemm.
+ * Built with -nostdlib: it needs nothing but the two function pointers handed to it at load.
+ */
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int, float,
+                         float *, int);
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+static sgemm_fn real_sgemm;
+static sgemv_fn real_sgemv;
+static unsigned long long routed_calls;
+
+void octomil_gemv_route_init(void *sgemm, void *sgemv) {
+  real_sgemm = (sgemm_fn)sgemm;
+  real_sgemv = (sgemv_fn)sgemv;
+}
+
+unsigned long long octomil_gemv_routed_calls(void) { return routed_calls; }
+
+/* BLAS leaves y unread when beta is 0; OpenBLAS's gemv scales y instead, which keeps a NaN. */
+static void clear(float *y, int n, int inc) {
+  for (int i = 0; i < n; ++i) y[(long)i * inc] = 0.0f;
+}
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  if (order == ROW_MAJOR && m == 1 && n > 1 && k > 0) {
+    /* c[1 x n] = a[1 x k] . op(b)[k x n], i.e. c = op(b)^T a. */
+    int inc_a = trans_a == NO_TRANS ? 1 : lda;
+    if (beta == 0.0f) clear(c, n, 1);
+    if (trans_b == NO_TRANS)
+      real_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1);
+    else
+      real_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1);
+    ++routed_calls;
+    return;
+  }
+  if (order == ROW_MAJOR && n == 1 && m > 1 && k > 0) {
+    /* c[m x 1] = op(a)[m x k] . b[k x 1]. */
+    int inc_b = trans_b == NO_TRANS ? ldb : 1;
+    if (beta == 0.0f) clear(c, m, ldc);
+    if (trans_a == NO_TRANS)
+      real_sgemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc);
+    else
+      real_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc);
+    ++routed_calls;
+    return;
+  }
+  real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
