@@ -16,6 +16,7 @@ from mlx_lm.utils import _get_classes
 from octomil.config import EarlyExitSettings
 from octomil.engine.engine import Engine
 from octomil.models.anatomy import anatomy_of, model_family
+from octomil.models.rope_table import install_table_rope
 from octomil.models.layout import LayoutChoice
 from octomil.models.loader import LoadedModel
 
@@ -160,7 +161,12 @@ def tiny_engine(
     early_exit: EarlyExitSettings | None = None,
     exit_layers: tuple[int, ...] | None = None,
 ) -> Engine:
-    """An Engine serving ``model`` as the loader would, minus files and layout measurement."""
+    """An Engine serving ``model`` as the loader would, minus files and layout measurement.
+
+    Like the loader, it replaces the model's RoPE modules with table RoPE: compare against a
+    separately made reference model (same ``make_tiny_model`` arguments), not ``model`` itself.
+    """
+    install_table_rope(model)
     family = model_family(model)
     loaded = LoadedModel(
         name=f"tiny-{family}",

@@ -19,6 +19,7 @@ from octomil.models.layout import (
     convert_precision,
     native_description,
 )
+from octomil.models.rope_table import install_table_rope
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
 
     native = native_description(model)
     layout = apply_layout(model, choose_layout(model, dtype))
+    install_table_rope(model)
     log.info("[engine] %s weights: %s", spec.name, layout.describe(native))
     context = int(
         config.get("max_position_embeddings")
