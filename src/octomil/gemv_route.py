@@ -1,12 +1,14 @@
-"""Route MLX's single-row fp32 products from OpenBLAS's sgemm to its sgemv (Linux CPU).
+"""Route MLX's few-row fp32 products from OpenBLAS's sgemm to its sgemv (Linux CPU).
 
 MLX's CPU backend computes every fp32 matmul with ``cblas_sgemm``, also a decode step's
 one-row products. OpenBLAS 0.3.21 (Debian 12) packs the whole weight matrix for such a call:
 a 576x1536 product takes ~0.15 ms through sgemm and ~0.03 ms through sgemv, the 49152x576 LM
 head ~7.4 ms vs ~2.5 ms. ``native/gemv_route.c`` defines ``cblas_sgemm``; loaded with
 ``RTLD_GLOBAL`` *before* OpenBLAS it is the definition the dynamic linker binds MLX to, sends
-one-row (and one-column) products to sgemv and every other call to OpenBLAS's sgemm. Results
-are the same products summed in another order (fp32 rounding differences only).
+products of up to 4 rows (one sgemv per row: a decode step plus early-exit catch-up rows) and
+of one column to sgemv, and every other call to OpenBLAS's sgemm. Results are the same
+products summed in another order (fp32 rounding differences only); each row's result is what a
+one-row product of that row gives.
 
 The object is compiled once per source version with the system C compiler (``$CC``, ``cc`` or
 ``gcc``; MLX's own ``mx.compile`` needs one on Linux too) into the user cache. Without a

@@ -1,4 +1,4 @@
-"""One-row fp32 products go through sgemv, give the same numbers, and the route degrades cleanly."""
+"""Few-row fp32 products go through sgemv, give the same numbers, and the route degrades cleanly."""
 
 import os
 import subprocess
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the route exist
 import mlx.core as mx  # noqa: E402  (after octomil: the route must be loaded before mlx)
 
 
-def test_route_is_active_and_counts_one_row_products():
+def test_route_is_active_and_counts_few_row_products():
     assert gemv_route.active(), gemv_route.reason()
     assert "one-row products via sgemv" in blas.describe()
     a, b = mx.random.normal((1, 64)), mx.random.normal((64, 96))
@@ -25,27 +25,31 @@ def test_route_is_active_and_counts_one_row_products():
     assert gemv_route.routed_calls() == before + 1
     square = mx.random.normal((8, 64))
     mx.eval(square)
+    mx.eval(square[:3] @ b)  # three rows (decode + catch-up rows): one sgemv per row
+    assert gemv_route.routed_calls() == before + 2
     mx.eval(square @ b)  # eight rows: OpenBLAS's sgemm, not the route
-    assert gemv_route.routed_calls() == before + 1
+    assert gemv_route.routed_calls() == before + 2
 
 
 def _close(got: mx.array, want: np.ndarray) -> None:
     np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_one_row_and_one_column_products_match_numpy(transpose_a, transpose_b):
-    rng = np.random.default_rng(0)
+def test_few_row_and_one_column_products_match_numpy(rows, transpose_a, transpose_b):
+    rng = np.random.default_rng(rows)
     k, n = 576, 1536
-    a = rng.standard_normal((k, 1) if transpose_a else (1, k)).astype(np.float32)
+    a = rng.standard_normal((k, rows) if transpose_a else (rows, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)
     op_a = mx.array(a).T if transpose_a else mx.array(a)
     op_b = mx.array(b).T if transpose_b else mx.array(b)
     ref_a = a.T.astype(np.float64) if transpose_a else a.astype(np.float64)
     ref_b = b.T.astype(np.float64) if transpose_b else b.astype(np.float64)
-    _close(op_a @ op_b, ref_a @ ref_b)  # one row: c = op(b)^T a
-    _close(op_b.T @ op_a.T, (ref_a @ ref_b).T)  # one column: c = op(b)^T x
+    _close(op_a @ op_b, ref_a @ ref_b)  # rows: c_r = op(b)^T a_r
+    if rows == 1:
+        _close(op_b.T @ op_a.T, (ref_a @ ref_b).T)  # one column: c = op(b)^T x
 
 
 def test_addmm_batched_and_strided_operands_match_numpy():
