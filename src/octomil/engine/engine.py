@@ -24,6 +24,7 @@ from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
 
 log = logging.getLogger(__name__)
+NO_EARLY_EXIT = EarlyExitSettings()  # frozen: safe as a shared default
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
@@ -32,7 +33,7 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
-        early_exit: EarlyExitSettings = EarlyExitSettings(),
+        early_exit: EarlyExitSettings = NO_EARLY_EXIT,
         exit_layers: tuple[int, ...] | None = None,
         exit_policy: ExitPolicyChoice | None = None,
     ) -> None:
@@ -46,10 +47,13 @@ class Engine:
         self.exit_layers = exit_layers
         self.default_early_exit = early_exit
         self.early_exit_supported = loaded.anatomy is not None
-        self.exit_choice = exit_policy or ExitPolicyChoice(None, True, "raw shared head (in-memory engine)")
+        self.exit_choice = exit_policy or ExitPolicyChoice(
+            None, True, "raw shared head (in-memory engine)"
+        )
         if early_exit.enabled and not self.early_exit_supported:
             log.warning(
-                "early exit is not supported for model family %r; serving at full depth", loaded.family
+                "early exit is not supported for model family %r; serving at full depth",
+                loaded.family,
             )
         # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
         self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
@@ -60,7 +64,7 @@ class Engine:
         model: str | None = None,
         *,
         dtype: str = "auto",
-        early_exit: EarlyExitSettings = EarlyExitSettings(),
+        early_exit: EarlyExitSettings = NO_EARLY_EXIT,
         exit_layers: tuple[int, ...] | None = None,
         exit_policy: str | None = None,
     ) -> Engine:
@@ -71,7 +75,11 @@ class Engine:
         choice = ExitPolicyChoice(None, False, "early exit not supported for this model family")
         if loaded.anatomy is not None:
             choice = resolve_exit_policy(
-                loaded.name, loaded.source, loaded.num_layers, int(loaded.model.args.hidden_size), exit_policy
+                loaded.name,
+                loaded.source,
+                loaded.num_layers,
+                int(loaded.model.args.hidden_size),
+                exit_policy,
             )
             if choice.bundle is None and not choice.raw_head and early_exit.enabled:
                 log.warning("[early-exit] %s", choice.status)
@@ -92,9 +100,13 @@ class Engine:
         weights = self.loaded.native_layout if weights == "native" else weights
         if self.loaded.layout.transposed:
             weights += " (in, out)"
-        return f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
+        return (
+            f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
+        )
 
-    def policy_for(self, settings: EarlyExitSettings | None, method: str | None = None) -> ExitPolicy | None:
+    def policy_for(
+        self, settings: EarlyExitSettings | None, method: str | None = None
+    ) -> ExitPolicy | None:
         """The exit policy for a request; ``method`` (entropy|probe|lowrank) picks another
         calibrated decision method than the policy's choice (for ``octomil eval``)."""
         if not self.early_exit_supported:
@@ -103,7 +115,9 @@ class Engine:
         bundle = self.exit_choice.bundle
         if bundle is not None:
             assert self.loaded.anatomy is not None
-            return bundle.policy(settings, self.loaded.anatomy, method=method, layers=self.exit_layers)
+            return bundle.policy(
+                settings, self.loaded.anatomy, method=method, layers=self.exit_layers
+            )
         if not self.exit_choice.raw_head:
             return None  # no calibrated policy: full depth
         return ExitPolicy.from_settings(
@@ -126,14 +140,20 @@ class Engine:
                     param=f"messages.{i}.role",
                 )
             if not isinstance(m.get("content"), str):
-                raise EngineInputError(f"messages[{i}].content must be a string", param=f"messages.{i}.content")
+                raise EngineInputError(
+                    f"messages[{i}].content must be a string", param=f"messages.{i}.content"
+                )
         if self.tokenizer.chat_template is None:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         else:
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
             except Exception as exc:  # jinja raises TemplateError for e.g. non-alternating roles
-                raise EngineInputError(f"chat template rejected the messages: {exc}", param="messages") from None
+                raise EngineInputError(
+                    f"chat template rejected the messages: {exc}", param="messages"
+                ) from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def generate(self, request: GenerationRequest) -> Generation:
@@ -146,9 +166,10 @@ class Engine:
             raise EngineInputError("max_tokens must be at least 1", param="max_tokens")
         if len(prompt) + params.max_tokens > self.context_length:
             raise PromptTooLongError(
-                f"This model's maximum context length is {self.context_length} tokens. However, you "
-                f"requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
-                f"{params.max_tokens} in the completion). Please reduce the prompt or max_tokens."
+                f"This model's maximum context length is {self.context_length} tokens. However, "
+                f"you requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the "
+                f"prompt, {params.max_tokens} in the completion). Please reduce the prompt or "
+                "max_tokens."
             )
         bad = [t for t in prompt if not 0 <= t < self._vocab_size]
         if bad:

@@ -28,13 +28,17 @@ def entropy_nats(logits: mx.array) -> mx.array:
 
 
 def default_exit_layers(
-    total_layers: int, min_layers: int, head_cost_layers: float = 0.0, points: int = DEFAULT_EXIT_POINTS
+    total_layers: int,
+    min_layers: int,
+    head_cost_layers: float = 0.0,
+    points: int = DEFAULT_EXIT_POINTS,
 ) -> tuple[int, ...]:
     """Up to ``points`` depths, evenly spaced, where an exit can pay for its check.
 
-    An exit after depth ``d`` saves ``total_layers - d`` layers, and every check costs a head evaluation
-    worth ``head_cost_layers`` layers; depths whose saving cannot exceed that cost are never candidates
-    (so the last layer never is). May be empty: then no check can pay and decoding stays full depth.
+    An exit after depth ``d`` saves ``total_layers - d`` layers, and every check costs a head
+    evaluation worth ``head_cost_layers`` layers; depths whose saving cannot exceed that cost are
+    never candidates (so the last layer never is). May be empty: then no check can pay and
+    decoding stays full depth.
     """
     last = min(total_layers - 1, math.floor(total_layers - head_cost_layers - 1e-9))
     if min_layers > last:
@@ -70,7 +74,7 @@ class ExitPolicy:
         exit_layers: tuple[int, ...] | None = None,
         head_cost_layers: float = 0.0,
     ) -> ExitPolicy | None:
-        """``exit_layers`` given by the user are kept (within range); otherwise cost-aware defaults."""
+        """``exit_layers`` given by the user are kept (within range); else cost-aware defaults."""
         if not settings.enabled:
             return None
         min_layers = settings.min_layers(total_layers)
