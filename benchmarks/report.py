@@ -55,6 +55,7 @@ from report_render import (
     MB,
     PRESETS,
     Q4,
+    ROUTED,
     STOCK,
     print_headline,
     render,
@@ -75,7 +76,9 @@ LLAMACPP_THREADS = {LLAMA: 2, LLAMA1: 1}
 LLAMACPP_MAX_SECONDS = 30
 
 # Prefill is the same full-depth pass for every preset, and 4-bit MLX prefill is very slow.
-LONG_PREFILL_CONFIGS = (FULL, STOCK, *LLAMAS)
+LONG_PREFILL_CONFIGS = (FULL, STOCK, ROUTED, *LLAMAS)
+# Stock mlx-lm as the BRIEF defines it (OpenBLAS, fp32), without Octomil's one-row route.
+UNROUTED_CONFIGS = (STOCK, Q4)
 
 
 # --- pure helpers (unit-tested) ------------------------------------------------------------------
@@ -216,7 +219,9 @@ class WorkerError(RuntimeError):
 class Worker:
     """A configuration in its own process, spoken to in JSON lines."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
@@ -227,6 +232,7 @@ class Worker:
             stderr=self._log,
             text=True,
             cwd=ROOT,
+            env=env,
         )
         self.info = self._read()["info"]
 
@@ -293,11 +299,12 @@ def start_worker(
         assert llama_python is not None and gguf is not None
         return start_llamacpp(config, llama_python, gguf, log_dir, plain_llamacpp)
     argv = [sys.executable, str(HERE / "report_worker.py"), config]
-    if gguf is not None and config in (STOCK, Q4):
+    if gguf is not None and config in (STOCK, ROUTED, Q4):
         argv += ["--gguf", gguf]
     if exit_policy is not None and config in (FULL, *PRESETS):
         argv += ["--exit-policy", exit_policy]
-    return Worker(config, argv, log_dir)
+    env = os.environ | {"OCTOMIL_NO_GEMV_ROUTE": "1"} if config in UNROUTED_CONFIGS else None
+    return Worker(config, argv, log_dir, env)
 
 
 # --- machine measurements (numpy, in this process, while every worker idles) ---------------------
@@ -580,9 +587,23 @@ def run_all(args: argparse.Namespace, llama: dict, log_dir: Path, gate: QuietGat
         mlx_micro = micro_worker.request(op="micro", dims=dims, layers=layers, rounds=rounds)
     finally:
         micro_worker.close()
+    # The same fp32 products with Octomil's one-row route off: MLX's own sgemm dispatch.
+    gate.wait("micro-benchmark without the sgemv route")
+    sgemm_worker = Worker(
+        "mlx-micro-sgemm",
+        [sys.executable, str(HERE / "report_worker.py"), "mlx-micro"],
+        log_dir,
+        os.environ | {"OCTOMIL_NO_GEMV_ROUTE": "1"},
+    )
+    try:
+        mlx_sgemm = sgemm_worker.request(
+            op="micro", dims=dims, layers=layers, rounds=rounds, fp32_only=True
+        )
+    finally:
+        sgemm_worker.close()
     gate.wait("numpy micro-benchmark")
     numpy_part = numpy_micro_threads(dims, layers, rounds, threads=(2, 1))
-    micro = {"dims": dims, "mlx": mlx_micro, "numpy": numpy_part}
+    micro = {"dims": dims, "mlx": mlx_micro, "mlx-sgemm": mlx_sgemm, "numpy": numpy_part}
     loads.append(os.getloadavg()[0])
     return {
         "prompts": prompts,
@@ -676,7 +697,9 @@ def summarize(data: dict, bandwidth_gb_s: float) -> dict:
 def micro_summary(micro: dict, bandwidth_gb_s: float) -> dict:
     """Milliseconds per token of the products alone, GFLOP/s and GB/s, per backend/variant."""
     rows = {}
-    for backend in ("mlx", "numpy"):
+    for backend in ("mlx", "mlx-sgemm", "numpy"):
+        if backend not in micro:  # reports made before the sgemv route
+            continue
         m = micro[backend]
         for variant, v in m["variants"].items():
             for how in ("per_call_ms", "one_graph_ms"):

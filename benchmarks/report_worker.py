@@ -6,7 +6,7 @@ so the processes never compete for the cores. Protocol: one JSON object per line
 stdin, replies on the original stdout; everything else the libraries print goes to stderr.
 
     report_worker.py octomil-full|octomil-quality|octomil-balanced|octomil-fast [--exit-policy P]
-    report_worker.py mlx-lm-fp32|mlx-lm-4bit --gguf PATH
+    report_worker.py mlx-lm-fp32|mlx-lm-fp32-sgemv|mlx-lm-4bit --gguf PATH
     report_worker.py mlx-micro --dims JSON
 
 Requests: {"op": "generate", "ids": [...], "max_tokens": N} -> tokens and timings;
@@ -138,18 +138,16 @@ class StockWorker:
         from octomil.models.gguf import load_gguf
 
         self.model, _, _ = load_gguf(gguf)
-        if config == "mlx-lm-fp32":
+        fp32 = config in ("mlx-lm-fp32", "mlx-lm-fp32-sgemv")
+        if fp32:
             from octomil.models.layout import convert_precision
 
             convert_precision(self.model, "float32")
         self.info = weight_bytes(self.model) | {
             "description": "mlx-lm llama.Model + generate_step, "
-            + (
-                "dequantized to float32"
-                if config == "mlx-lm-fp32"
-                else "native GGUF 4-bit (MLX quantized)"
-            ),
+            + ("dequantized to float32" if fp32 else "native GGUF 4-bit (MLX quantized)"),
             "source": str(gguf),
+            "blas": blas.describe(),
         }
 
     def generate(self, ids: list[int], max_tokens: int) -> dict:
@@ -199,7 +197,7 @@ def _best_ms(fn, rounds: int, repeats: int) -> float:
     return best
 
 
-def mlx_micro(dims: dict, layers: int, rounds: int) -> dict:
+def mlx_micro(dims: dict, layers: int, rounds: int, fp32_only: bool = False) -> dict:
     """Times one token's products through ``layers`` distinct random layers and the head.
 
     Distinct weights per layer, as in a real model: reusing one matrix would be served from cache.
@@ -232,6 +230,8 @@ def mlx_micro(dims: dict, layers: int, rounds: int) -> dict:
             inp(w.shape[1]), *q, transpose=True, group_size=32, bits=4
         ),
     }
+    if fp32_only:
+        del variants["4-bit quantized"]
     flops = sum(2 * w.shape[0] * w.shape[1] for w in ws)
     out: dict = {"layers": layers, "flops_per_token": flops, "variants": {}}
     items = list(zip(ws, wts, qs, strict=True))
@@ -277,7 +277,9 @@ def serve(worker, proto) -> None:
         elif op == "encode":
             reply = {"ids": worker.encode(req["text"])}
         elif op == "micro":
-            reply = mlx_micro(req["dims"], req["layers"], req["rounds"])
+            reply = mlx_micro(
+                req["dims"], req["layers"], req["rounds"], req.get("fp32_only", False)
+            )
         else:
             reply = {"error": f"unknown op {op!r}"}
         proto.write(json.dumps(reply) + "\n")
@@ -299,7 +301,7 @@ def main() -> None:
     start = time.perf_counter()
     if args.config in OCTOMIL_PRESETS:
         worker = OctomilWorker(args.config, args.exit_policy)
-    elif args.config in ("mlx-lm-fp32", "mlx-lm-4bit"):
+    elif args.config in ("mlx-lm-fp32", "mlx-lm-fp32-sgemv", "mlx-lm-4bit"):
         worker = StockWorker(args.config, args.gguf)
     elif args.config == "mlx-micro":
         worker = None
