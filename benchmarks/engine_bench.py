@@ -15,7 +15,9 @@ What it measures, per configuration, on a fixed chat prompt set of mixed difficu
 - free-running exact match: share of prompts whose generated sequence equals the full-depth one;
 - parity: stock mlx-lm (``mlx_lm.generate.generate_step``, greedy, on the same fp32 weights in
   mlx-lm's own modules, ``octomil.models.loader.load_stock_model``) vs Octomil full depth, token for
-  token (expected: 100%).
+  token (expected: 100%). Stock runs with Octomil's few-row sgemv route switched off
+  (``octomil.gemv_route.disabled``), as MLX runs without Octomil: OpenBLAS preloaded, every product
+  through sgemm.
 
 Configurations are interleaved per prompt (round-robin, starting point rotated per prompt) so
 machine noise hits all alike; each is warmed up once first. Results go to a JSON file (machine
@@ -48,7 +50,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
-from octomil import blas
+from octomil import blas, gemv_route
 from octomil.config import EarlyExitSettings, resolve_early_exit
 from octomil.engine.engine import Engine
 from octomil.engine.exit_policy import ExitPolicy
@@ -145,13 +147,15 @@ def run_stock(engine: Engine, ids: list[int], max_tokens: int) -> Run:
     """Stock mlx-lm greedy decoding on the same weights, stopping at EOS like the engine."""
     eos = engine.loaded.eos_token_ids
     model = stock_model(engine)
-    start = time.perf_counter()
     stamps, tokens = [], []
-    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
-        stamps.append(time.perf_counter())
-        tokens.append(int(token))
-        if token in eos:
-            break
+    with gemv_route.disabled():  # stock MLX: every product through OpenBLAS's sgemm
+        start = time.perf_counter()
+        for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+            stamps.append(time.perf_counter())
+            tokens.append(int(token))
+            if token in eos:
+                break
+        mx.synchronize()  # the step run ahead must not finish after the route is back on
     n = len(tokens)
     total = engine.total_layers
     return Run(

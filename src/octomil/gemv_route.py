@@ -23,6 +23,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -70,6 +72,24 @@ def active() -> bool:
 
 def reason() -> str:
     return _reason
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Every product through OpenBLAS's sgemm while inside (stock MLX, for benchmarks).
+
+    Switch only while MLX is idle (everything evaluated): a product already queued on MLX's
+    stream thread reads the switch when it runs.
+    """
+    if not active():
+        yield
+        return
+    assert _shim is not None
+    _shim.octomil_gemv_route_enable(0)
+    try:
+        yield
+    finally:
+        _shim.octomil_gemv_route_enable(1)
 
 
 def routed_calls() -> int:

@@ -31,6 +31,20 @@ def test_route_is_active_and_counts_few_row_products():
     assert gemv_route.routed_calls() == before + 2
 
 
+def test_disabled_block_sends_products_to_sgemm():
+    a, b = mx.random.normal((1, 64)), mx.random.normal((64, 96))
+    mx.eval(a, b)
+    before = gemv_route.routed_calls()
+    with gemv_route.disabled():
+        off = a @ b
+        mx.eval(off)
+    assert gemv_route.routed_calls() == before
+    on = a @ b
+    mx.eval(on)
+    assert gemv_route.routed_calls() == before + 1
+    assert mx.allclose(on, off, rtol=1e-5, atol=1e-5)
+
+
 def _close(got: mx.array, want: np.ndarray) -> None:
     np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
 

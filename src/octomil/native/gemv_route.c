@@ -25,6 +25,7 @@ enum { MAX_ROWS = 4 };
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
 static unsigned long long routed_calls;
+static volatile int enabled = 1;
 
 void octomil_gemv_route_init(void *sgemm, void *sgemv) {
   real_sgemm = (sgemm_fn)sgemm;
@@ -33,6 +34,9 @@ void octomil_gemv_route_init(void *sgemm, void *sgemv) {
 
 unsigned long long octomil_gemv_routed_calls(void) { return routed_calls; }
 
+/* Benchmarks switch the route off between runs to time stock MLX in the same process. */
+void octomil_gemv_route_enable(int on) { enabled = on; }
+
 /* BLAS leaves y unread when beta is 0; OpenBLAS's gemv scales y instead, which keeps a NaN. */
 static void clear(float *y, int n, int inc) {
   for (int i = 0; i < n; ++i) y[(long)i * inc] = 0.0f;
@@ -40,6 +44,10 @@ static void clear(float *y, int n, int inc) {
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  if (!enabled) {
+    real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   if (order == ROW_MAJOR && m <= MAX_ROWS && n > 1 && k > 0) {
     /* Row r: c[r, 1 x n] = op(a)[r, 1 x k] . op(b)[k x n], i.e. c_r = op(b)^T a_r. */
     for (int r = 0; r < m; ++r) {
