@@ -67,7 +67,7 @@ def preload() -> str | None:
 def describe() -> str:
     """One line for the startup log naming the BLAS in use."""
     if _loaded:
-        route = "one-row products via sgemv" if gemv_route.active() else gemv_route.reason()
+        route = "few-row products via sgemv" if gemv_route.active() else gemv_route.reason()
         return f"OpenBLAS ({_loaded}; {route})"
     if sys.platform == "darwin":
         return "Accelerate"
