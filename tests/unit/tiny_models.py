@@ -16,7 +16,7 @@ from mlx_lm.utils import _get_classes
 from octomil.config import EarlyExitSettings
 from octomil.engine.engine import Engine
 from octomil.models.anatomy import anatomy_of, model_family
-from octomil.models.rope_table import install_table_rope
+from octomil.models.fast_modules import install_fast_modules
 from octomil.models.layout import LayoutChoice
 from octomil.models.loader import LoadedModel
 
@@ -163,10 +163,10 @@ def tiny_engine(
 ) -> Engine:
     """An Engine serving ``model`` as the loader would, minus files and layout measurement.
 
-    Like the loader, it replaces the model's RoPE modules with table RoPE: compare against a
-    separately made reference model (same ``make_tiny_model`` arguments), not ``model`` itself.
+    Like the loader, it installs the fast drop-in modules (table RoPE, compiled RMS norm): compare
+    against a separately made reference model (same ``make_tiny_model`` arguments), not ``model``.
     """
-    install_table_rope(model)
+    install_fast_modules(model)
     family = model_family(model)
     loaded = LoadedModel(
         name=f"tiny-{family}",

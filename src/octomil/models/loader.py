@@ -12,6 +12,7 @@ import mlx.nn as nn
 from octomil.models import registry
 from octomil.models.anatomy import Anatomy, anatomy_of, model_family
 from octomil.models.errors import ModelNotAvailableError
+from octomil.models.fast_modules import install_fast_modules
 from octomil.models.layout import (
     LayoutChoice,
     apply_layout,
@@ -19,7 +20,6 @@ from octomil.models.layout import (
     convert_precision,
     native_description,
 )
-from octomil.models.rope_table import install_table_rope
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
 
     native = native_description(model)
     layout = apply_layout(model, choose_layout(model, dtype))
-    install_table_rope(model)
+    install_fast_modules(model)
     log.info("[engine] %s weights: %s", spec.name, layout.describe(native))
     context = int(
         config.get("max_position_embeddings")
