@@ -6,10 +6,12 @@ Octomil's changes, in the same process, interleaved, median of many repetitions:
 
 - whole step: the model's forward pass for one token over a KV cache of ``--context`` tokens
   plus the greedy argmax, evaluated synchronously (no run-ahead), for the engine's model (table
-  RoPE) and mlx-lm's (``mx.fast.rope``), each with Octomil's sgemv route on and off;
-- parts: the fp32 products of every layer and the head (one graph), RoPE (``mx.fast.rope`` vs
-  the shared table), RMS norms, the attention core (``mx.fast.scaled_dot_product_attention``)
-  over the cache, the head's argmax, and building the step's graph in Python (no evaluation).
+  RoPE, compiled RMS norm: ``octomil.models.fast_modules``) and mlx-lm's own, each with
+  Octomil's sgemv route on and off;
+- parts: the fp32 products of every layer and the head (one graph), RoPE and RMS norms (mlx's
+  ``fast`` ops vs the engine's modules), the attention core
+  (``mx.fast.scaled_dot_product_attention``) over the cache, the head's argmax, and building the
+  step's graph in Python (no evaluation).
 
 The parts overlap with what MLX does per operation, so they do not add up exactly to the step;
 the remainder is reported as "other" (MLX's per-operation overhead, cache writes, reshapes).
@@ -84,6 +86,7 @@ def parts(model, context: int, repeats: int) -> dict[str, float]:
     table = attn.rope if isinstance(attn.rope, TableRoPE) else None
     stock_rope = table.original if table else attn.rope
     norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms.append(model.model.norm)
     head = model.model.embed_tokens
 
     def products() -> None:
@@ -102,8 +105,11 @@ def parts(model, context: int, repeats: int) -> dict[str, float]:
             lambda: mx.eval([stock_rope(t, offset=context) for t in (q, k) for _ in range(n)]),
             repeats,
         ),
-        "RMS norms (2 per layer + final)": median_ms(
-            lambda: mx.eval([norm(x) for norm in norms] + [model.model.norm(x)]), repeats
+        "RMS norms, mx.fast.rms_norm (2 per layer + final)": median_ms(
+            lambda: mx.eval([mx.fast.rms_norm(x, n.weight, n.eps) for n in norms]), repeats
+        ),
+        "RMS norms, as the model runs them": median_ms(
+            lambda: mx.eval([norm(x) for norm in norms]), repeats
         ),
         f"attention core over {context} cached tokens": median_ms(
             lambda: mx.eval(
@@ -149,7 +155,10 @@ def main() -> None:
 
     loaded = load(None)
     engine_model, stock = loaded.model, load_stock_model(loaded)
-    steps = {"engine model (table RoPE)": engine_model, "mlx-lm model (mx.fast.rope)": stock}
+    steps = {
+        "engine model (table RoPE, compiled RMS norm)": engine_model,
+        "mlx-lm model (mx.fast.rope, mx.fast.rms_norm)": stock,
+    }
     fns = {name: step_fn(model, args.context) for name, model in steps.items()}
     whole: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # interleaved: machine noise hits every variant alike
@@ -169,11 +178,11 @@ def main() -> None:
     part["building the step's graph in Python"] = graph_build_ms(
         engine_model, args.context, args.repeats
     )
-    engine_step = step["engine model (table RoPE), sgemv route"]
+    engine_step = step["engine model (table RoPE, compiled RMS norm), sgemv route"]
     counted = [
         "products (layers + head, one graph)",
         "RoPE, shared table (2 per layer)",
-        "RMS norms (2 per layer + final)",
+        "RMS norms, as the model runs them",
         f"attention core over {args.context} cached tokens",
         "head argmax (49k logits)",
     ]
@@ -226,10 +235,10 @@ def plot(result: dict, png: Path) -> None:
         right.barh(["engine step"], [ms], left=acc, label=f"{name}: {ms:.1f} ms")
         acc += ms
     right.set_xlabel("ms")
-    right.set_title("engine step (sgemv route, table RoPE), by part")
+    right.set_title("engine step (sgemv route, fast modules), by part")
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
