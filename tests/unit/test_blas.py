@@ -1,11 +1,11 @@
 """The fast BLAS path is active: OpenBLAS is mapped, and fp32 matmuls run many times faster."""
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from fresh_python import run_python
 
 from octomil import blas
 
@@ -37,16 +37,7 @@ def test_openblas_is_loaded_into_this_process():
 
 def _matmul_seconds(disable: bool) -> float:
     env = {"OCTOMIL_NO_BLAS_PRELOAD": "1"} if disable else {}
-    import os
-
-    out = subprocess.run(
-        [sys.executable, "-c", TIMING],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(run_python(TIMING, env)[-1])
 
 
 def test_preloaded_blas_is_much_faster_than_the_bundled_one():

@@ -1,12 +1,11 @@
 """Few-row fp32 products go through sgemv, give the same numbers, and the route degrades cleanly."""
 
-import os
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+from fresh_python import run_python
 
 from octomil import blas, gemv_route
 
@@ -92,14 +91,7 @@ def _probe(env: dict[str, str]) -> list[str]:
         print(blas.describe())
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()
+    return run_python(code, env)
 
 
 def test_disabled_route_leaves_sgemm_in_charge():
