@@ -15,8 +15,8 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's one-row product
-	@# route (octomil/native/gemv_route.c) and MLX's mx.compile kernels.
+	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's few-row product
+	@# route (octomil/native/gemv_route.c) at the first import.
 	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null; }; then \
 	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and a C compiler (gcc)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

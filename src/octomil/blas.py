@@ -3,7 +3,7 @@
 MLX's Linux CPU wheel links the reference (netlib) BLAS: a 32x576 @ 576x1536 matmul takes ~26 ms
 there and ~0.8 ms with OpenBLAS. Loading OpenBLAS with ``RTLD_GLOBAL`` before ``mlx.core`` is
 imported makes the dynamic linker resolve MLX's ``cblas_*``/``sgemm_`` symbols to it, except
-``cblas_sgemm`` itself, which ``octomil.gemv_route`` places ahead of it to send one-row products
+``cblas_sgemm`` itself, which ``octomil.gemv_route`` places ahead of it to send few-row products
 to sgemv.
 This module must not import mlx itself.
 """
@@ -48,12 +48,14 @@ def preload() -> str | None:
     for path in ((override,) if override else ()) + _CANDIDATES:
         if path and os.path.exists(path):
             try:
-                # Opened locally first so the one-row route can be bound to it and then placed
+                # Opened locally first so the few-row route can be bound to it and then placed
                 # ahead of it in the global scope; the second open makes the same object global.
                 library = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
             except OSError:
                 continue
-            if gemv_route.load_before_blas():
+            # Once loaded, the route is what MLX calls: load it only if it can be bound.
+            has_both = hasattr(library, "cblas_sgemm") and hasattr(library, "cblas_sgemv")
+            if has_both and gemv_route.load_before_blas():
                 gemv_route.bind(library)
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             _loaded = path

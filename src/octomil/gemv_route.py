@@ -11,7 +11,7 @@ products summed in another order (fp32 rounding differences only); each row's re
 one-row product of that row gives.
 
 The object is compiled once per source version with the system C compiler (``$CC``, ``cc`` or
-``gcc``; MLX's own ``mx.compile`` needs one on Linux too) into the user cache. Without a
+``gcc``) into the user cache. Without a
 compiler, or with ``OCTOMIL_NO_GEMV_ROUTE=1``, products stay on sgemm. Must not import mlx.
 """
 
@@ -93,7 +93,7 @@ def disabled() -> Iterator[None]:
 
 
 def routed_calls() -> int:
-    """How many products went to sgemv so far (a diagnostic for tests and the startup log)."""
+    """How many products went to sgemv so far (a diagnostic for tests)."""
     if not active():
         return 0
     assert _shim is not None
