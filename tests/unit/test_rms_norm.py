@@ -10,7 +10,7 @@ from tiny_models import SUPPORTED, make_tiny_model
 from octomil.models.rms_norm import CompiledRMSNorm, install_compiled_rms_norm
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 5, 576), (2, 3, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 5, 576), (2, 3, 64), (1, 40, 576)])
 def test_matches_fast_rms_norm(shape):
     norm = nn.RMSNorm(shape[-1], eps=1e-5)
     norm.weight = mx.random.normal((shape[-1],), key=mx.random.key(1))

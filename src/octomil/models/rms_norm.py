@@ -4,14 +4,17 @@
 multiplies as separate operations, ~50 us per norm inside a decode step, 61 norms per token on
 the embedded model. Compiled, the same float32 operations fuse into one kernel: a decode step
 measured 35.5 -> 33.1 ms (interleaved A/B) with bit-identical outputs. Only exact ``nn.RMSNorm``
-modules are replaced (gemma's 1 + weight variant keeps its own), and only float32 inputs take
-the compiled path: half-precision inputs keep the fallback, which accumulates in float32.
+modules are replaced (gemma's 1 + weight variant keeps its own), and only float32 decode-sized
+inputs take the compiled path: half-precision inputs keep the fallback, which accumulates in
+float32, and prefill chunks keep it so that each new prompt length adds no compilation.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from octomil.models.rope_table import COMPILED_MAX_ROWS
 
 
 @mx.compile
@@ -29,8 +32,9 @@ class CompiledRMSNorm(nn.Module):
         self._eps = mx.array(original.eps, dtype=mx.float32)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype != mx.float32 or self.weight.dtype != mx.float32:
-            return mx.fast.rms_norm(x, self.weight, self.eps)
+        float32 = x.dtype == mx.float32 and self.weight.dtype == mx.float32
+        if not float32 or x.size > COMPILED_MAX_ROWS * x.shape[-1]:
+            return mx.fast.rms_norm(x, self.weight, self.eps)  # prefill: no per-length compile
         return _rms_norm(x, self.weight, self._eps)
 
 

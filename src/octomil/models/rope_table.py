@@ -25,9 +25,16 @@ import mlx.nn as nn
 _TABLES_KEPT = 8
 
 
-@mx.compile
+# Decode steps (one token plus catch-up rows) use the compiled kernel; prefill chunks of other
+# lengths use the same operations unfused, so each new prompt length does not add a compilation.
+COMPILED_MAX_ROWS = 8
+
+
 def _rotate(x: mx.array, cos: mx.array, signed_sin: mx.array, partner: mx.array) -> mx.array:
     return x * cos + mx.take(x, partner, axis=-1) * signed_sin
+
+
+_rotate_compiled = mx.compile(_rotate)
 
 
 class RopeTables:
@@ -95,7 +102,8 @@ class TableRoPE(nn.Module):
         cos, sin, partner = self._tables.get(offset, x.shape[-2], x.shape[-1])
         if cos.dtype != x.dtype:
             cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-        return _rotate(x, cos, sin, partner)
+        rotate = _rotate_compiled if x.shape[-2] <= COMPILED_MAX_ROWS else _rotate
+        return rotate(x, cos, sin, partner)
 
 
 def install_table_rope(model: nn.Module) -> int:
