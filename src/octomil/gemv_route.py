@@ -11,7 +11,7 @@ products summed in another order (fp32 rounding differences only); each row's re
 one-row product of that row gives.
 
 The object is compiled once per source version with the system C compiler (``$CC``, ``cc`` or
-``gcc``) into the user cache. Without a
+``gcc``) into the user cache (or a private per-user temporary directory). Without a
 compiler, or with ``OCTOMIL_NO_GEMV_ROUTE=1``, products stay on sgemm. Must not import mlx.
 """
 
@@ -102,14 +102,44 @@ def routed_calls() -> int:
 
 
 def _built_object() -> Path:
+    """The compiled route: the user cache's copy, else one built there (or, when the cache is not
+    writable, in a per-user temporary directory)."""
     source = resources.files("octomil").joinpath("native", _SOURCE).read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:12]
-    target = cache_dir() / "native" / f"gemv_route-{digest}.so"
-    if target.exists():
-        return target
+    name = f"gemv_route-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    places = [cache_dir() / "native" / name]
+    private = _private_temp_dir()
+    if private is not None:
+        places.append(private / name)
+    for target in places:
+        if target.exists():
+            return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler to build it (apt-get install gcc)")
+    failures = []
+    for target in places:
+        try:
+            return _compile(compiler, source, target)
+        except OSError as error:  # not writable: try the next place
+            failures.append(f"{target.parent}: {error}")
+    raise RuntimeError("could not build it: " + "; ".join(failures))
+
+
+def _private_temp_dir() -> Path | None:
+    """``$TMPDIR/octomil-<uid>/native`` if this user alone owns and can write it: a shared temporary
+    directory must not let another user plant the object this process loads."""
+    base = Path(tempfile.gettempdir()) / f"octomil-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        info = base.stat()
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return base / "native"
+
+
+def _compile(compiler: str, source: bytes, target: Path) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -120,6 +150,6 @@ def _built_object() -> Path:
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:300]}")
             os.replace(out, target)  # atomic: concurrent first imports never load half a file
-    except (OSError, subprocess.SubprocessError) as error:
-        raise RuntimeError(f"could not build it in {target.parent}: {error}") from error
+    except subprocess.SubprocessError as error:
+        raise RuntimeError(f"{compiler} failed: {error}") from error
     return target

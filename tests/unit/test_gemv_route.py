@@ -1,5 +1,6 @@
 """Few-row fp32 products go through sgemv, give the same numbers, and the route degrades cleanly."""
 
+import os
 import sys
 import textwrap
 
@@ -101,13 +102,36 @@ def test_disabled_route_leaves_sgemm_in_charge():
 
 
 def test_missing_compiler_falls_back_with_a_reason(tmp_path):
-    env = {"OCTOMIL_CACHE": str(tmp_path), "CC": str(tmp_path / "no-such-cc")}
+    env = {
+        "OCTOMIL_CACHE": str(tmp_path),
+        "CC": str(tmp_path / "no-such-cc"),
+        "TMPDIR": str(tmp_path),
+    }
     status, line = _probe(env)
     assert status == "False 0 True"
     assert "failed" in line or "could not build" in line, line
 
 
+def test_unwritable_cache_falls_back_to_a_private_temp_dir(tmp_path):
+    # /proc refuses new directories even to root, where a read-only mode would not.
+    status, _ = _probe({"OCTOMIL_CACHE": "/proc/octomil-cache", "TMPDIR": str(tmp_path)})
+    assert status.startswith("True ")
+    private = tmp_path / f"octomil-{os.getuid()}"
+    assert oct(private.stat().st_mode & 0o777) == "0o700"
+    assert [p.name.startswith("gemv_route-") for p in (private / "native").iterdir()] == [True]
+
+
+def test_a_temp_dir_others_can_write_is_not_used(tmp_path):
+    shared = tmp_path / f"octomil-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    status, line = _probe({"OCTOMIL_CACHE": "/proc/octomil-cache", "TMPDIR": str(tmp_path)})
+    assert status == "False 0 True"
+    assert "could not build" in line
+    assert not (shared / "native").exists()
+
+
 def test_first_use_builds_into_the_user_cache(tmp_path):
-    status, _ = _probe({"OCTOMIL_CACHE": str(tmp_path)})
+    status, _ = _probe({"OCTOMIL_CACHE": str(tmp_path), "TMPDIR": str(tmp_path)})
     assert status.startswith("True ")
     assert [p.name.startswith("gemv_route-") for p in (tmp_path / "native").iterdir()] == [True]
