@@ -45,6 +45,7 @@ from statistics import median
 
 import numpy as np
 from engine_bench import DEFAULT_PROMPTS, cpu_model, first_divergence, git_commit
+from layer_shapes import projection_shapes
 from report_render import (
     CONFIGS,
     FULL,
@@ -340,21 +341,6 @@ def measure_bandwidth(mb: int = 512, repeats: int = 5) -> dict:
     }
     out["read_gb_s"] = max(out["read_1_thread_gb_s"], out["read_2_threads_gb_s"])
     return out
-
-
-def projection_shapes(dims: dict) -> list[tuple[str, int, int]]:
-    """(name, out, in) of one llama decoder layer's projections (same as report_worker's)."""
-    d, f = dims["hidden_size"], dims["intermediate_size"]
-    kv = d // dims["num_attention_heads"] * dims["num_key_value_heads"]
-    return [
-        ("q", d, d),
-        ("k", kv, d),
-        ("v", kv, d),
-        ("o", d, d),
-        ("gate", f, d),
-        ("up", f, d),
-        ("down", d, f),
-    ]
 
 
 def numpy_micro(dims: dict, layers: int, repeats: int) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from layer_shapes import projection_shapes
 from mlx.utils import tree_flatten
 from proc_memory import process_rss
 
@@ -169,21 +170,6 @@ class StockWorker:
 
 
 # --- micro-benchmark: one token's matrix-vector products in MLX ----------------------------------
-
-
-def projection_shapes(dims: dict) -> list[tuple[str, int, int]]:
-    """(name, out, in) of one decoder layer's projections (llama anatomy)."""
-    d, f = dims["hidden_size"], dims["intermediate_size"]
-    kv = d // dims["num_attention_heads"] * dims["num_key_value_heads"]
-    return [
-        ("q", d, d),
-        ("k", kv, d),
-        ("v", kv, d),
-        ("o", d, d),
-        ("gate", f, d),
-        ("up", f, d),
-        ("down", d, f),
-    ]
 
 
 def _best_ms(fn, rounds: int, repeats: int) -> float:
