@@ -70,24 +70,12 @@ def step_fn(model, context: int) -> Callable[[], None]:
     return step
 
 
-def parts(model, context: int, repeats: int) -> dict[str, float]:
-    args = model.args
-    layers = model.model.layers
-    d, heads, kv = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
-    head_dim = d // heads
-    n = len(layers)
-    x = mx.random.normal((1, 1, d))
+def products_ms(model, repeats: int) -> float:
+    """One token's products through every layer's projections and the head, in one graph."""
+    args, layers, head = model.args, model.model.layers, model.model.embed_tokens
+    x = mx.random.normal((1, 1, args.hidden_size))
     wide = mx.random.normal((1, 1, args.intermediate_size))
-    logits = mx.random.normal((1, args.vocab_size))
-    q, k = mx.random.normal((1, heads, 1, head_dim)), mx.random.normal((1, kv, 1, head_dim))
-    keys, values = (mx.random.normal((1, kv, context, head_dim)) for _ in range(2))
-    mx.eval(x, wide, logits, q, k, keys, values)
-    attn = layers[0].self_attn
-    table = attn.rope if isinstance(attn.rope, TableRoPE) else None
-    stock_rope = table.original if table else attn.rope
-    norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-    norms.append(model.model.norm)
-    head = model.model.embed_tokens
+    mx.eval(x, wide)
 
     def products() -> None:
         outs = []
@@ -99,8 +87,28 @@ def parts(model, context: int, repeats: int) -> dict[str, float]:
         outs.append(head.as_linear(x))
         mx.eval(outs)
 
+    return median_ms(products, repeats)
+
+
+def parts(model, context: int, repeats: int) -> dict[str, float]:
+    args = model.args
+    layers = model.model.layers
+    d, heads, kv = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
+    head_dim = d // heads
+    n = len(layers)
+    x = mx.random.normal((1, 1, d))
+    logits = mx.random.normal((1, args.vocab_size))
+    q, k = mx.random.normal((1, heads, 1, head_dim)), mx.random.normal((1, kv, 1, head_dim))
+    keys, values = (mx.random.normal((1, kv, context, head_dim)) for _ in range(2))
+    mx.eval(x, logits, q, k, keys, values)
+    attn = layers[0].self_attn
+    table = attn.rope if isinstance(attn.rope, TableRoPE) else None
+    stock_rope = table.original if table else attn.rope
+    norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms.append(model.model.norm)
+
     result = {
-        "products (layers + head, one graph)": median_ms(products, repeats),
+        "products (layers + head, one graph)": products_ms(model, repeats),
         "RoPE, mx.fast.rope (2 per layer)": median_ms(
             lambda: mx.eval([stock_rope(t, offset=context) for t in (q, k) for _ in range(n)]),
             repeats,
@@ -166,15 +174,11 @@ def main() -> None:
             whole.setdefault(f"{name}, sgemv route", []).append(median_ms(fn, args.repeats))
             with gemv_route.disabled():
                 ms = median_ms(fn, args.repeats)
-                mx.synchronize()
             whole.setdefault(f"{name}, sgemm (no route)", []).append(ms)
     step = {name: statistics.median(v) for name, v in whole.items()}
     part = parts(engine_model, args.context, args.repeats)
     with gemv_route.disabled():
-        part["products, sgemm (no route)"] = parts(engine_model, args.context, 5)[
-            "products (layers + head, one graph)"
-        ]
-        mx.synchronize()
+        part["products, sgemm (no route)"] = products_ms(engine_model, 5)
     part["building the step's graph in Python"] = graph_build_ms(
         engine_model, args.context, args.repeats
     )

@@ -51,6 +51,7 @@ def load_before_blas() -> bool:
         _reason = str(error)
         return False
     _shim = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    _shim.octomil_gemv_routed_calls.restype = ctypes.c_ulonglong
     return True
 
 
@@ -78,17 +79,21 @@ def reason() -> str:
 def disabled() -> Iterator[None]:
     """Every product through OpenBLAS's sgemm while inside (stock MLX, for benchmarks).
 
-    Switch only while MLX is idle (everything evaluated): a product already queued on MLX's
-    stream thread reads the switch when it runs.
+    A product reads the switch when MLX's stream thread runs it, so MLX is drained on the way in
+    and out: work queued before (or run ahead inside) keeps the setting it was queued under.
     """
     if not active():
         yield
         return
+    import mlx.core as mx  # by now mlx is loaded; this module must not load it first
+
     assert _shim is not None
+    mx.synchronize()
     _shim.octomil_gemv_route_enable(0)
     try:
         yield
     finally:
+        mx.synchronize()
         _shim.octomil_gemv_route_enable(1)
 
 
@@ -97,7 +102,6 @@ def routed_calls() -> int:
     if not active():
         return 0
     assert _shim is not None
-    _shim.octomil_gemv_routed_calls.restype = ctypes.c_ulonglong
     return int(_shim.octomil_gemv_routed_calls())
 
 
