@@ -565,31 +565,25 @@ def run_all(args: argparse.Namespace, llama: dict, log_dir: Path, gate: QuietGat
     layers = infos[FULL]["total_layers"]
     rounds = 3 if args.quick else 7
     print("[report] micro-benchmark: one token's matrix-vector products, MLX vs numpy", flush=True)
-    gate.wait("micro-benchmark")
-    micro_worker = Worker(
-        "mlx-micro", [sys.executable, str(HERE / "report_worker.py"), "mlx-micro"], log_dir
+
+    def mlx_micro(label: str, name: str, env: dict[str, str] | None = None, **request) -> dict:
+        gate.wait(label)
+        argv = [sys.executable, str(HERE / "report_worker.py"), "mlx-micro"]
+        worker = Worker(name, argv, log_dir, env)
+        try:
+            return worker.request(op="micro", dims=dims, layers=layers, rounds=rounds, **request)
+        finally:
+            worker.close()
+
+    mlx_routed = mlx_micro("micro-benchmark", "mlx-micro")
+    # The same fp32 products with Octomil's few-row route off: MLX's own sgemm dispatch.
+    no_route = os.environ | {"OCTOMIL_NO_GEMV_ROUTE": "1"}
+    mlx_sgemm = mlx_micro(
+        "micro-benchmark without the sgemv route", "mlx-micro-sgemm", no_route, fp32_only=True
     )
-    try:
-        mlx_micro = micro_worker.request(op="micro", dims=dims, layers=layers, rounds=rounds)
-    finally:
-        micro_worker.close()
-    # The same fp32 products with Octomil's one-row route off: MLX's own sgemm dispatch.
-    gate.wait("micro-benchmark without the sgemv route")
-    sgemm_worker = Worker(
-        "mlx-micro-sgemm",
-        [sys.executable, str(HERE / "report_worker.py"), "mlx-micro"],
-        log_dir,
-        os.environ | {"OCTOMIL_NO_GEMV_ROUTE": "1"},
-    )
-    try:
-        mlx_sgemm = sgemm_worker.request(
-            op="micro", dims=dims, layers=layers, rounds=rounds, fp32_only=True
-        )
-    finally:
-        sgemm_worker.close()
     gate.wait("numpy micro-benchmark")
     numpy_part = numpy_micro_threads(dims, layers, rounds, threads=(2, 1))
-    micro = {"dims": dims, "mlx": mlx_micro, "mlx-sgemm": mlx_sgemm, "numpy": numpy_part}
+    micro = {"dims": dims, "mlx": mlx_routed, "mlx-sgemm": mlx_sgemm, "numpy": numpy_part}
     loads.append(os.getloadavg()[0])
     return {
         "prompts": prompts,
