@@ -18,7 +18,7 @@ from octomil.engine.errors import EngineInputError, PromptTooLongError
 from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, resolve_exit_policy
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
-from octomil.engine.layer_loop import FullDepthLoop, LayerLoop
+from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.types import GenerationRequest
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
@@ -55,6 +55,9 @@ class Engine:
                 "early exit is not supported for model family %r; serving at full depth",
                 loaded.family,
             )
+        # Prompt tokens fed per prefill chunk; a server sets its per-step budget here. A prompt is
+        # cut the same way whether it is served alone or batched, so its answer is the same.
+        self.prefill_chunk = PREFILL_STEP
         # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
         self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
 
@@ -185,4 +188,5 @@ class Engine:
             self.tokenizer,
             self.loaded.eos_token_ids,
             self._vocab_size,
+            self.prefill_chunk,
         )

@@ -1,9 +1,18 @@
-"""One request's decoding: prefill, then sample / decode token by token, streaming TokenEvents."""
+"""One request's decoding state: its prompt, KV loop, sampler, text and statistics.
+
+A :class:`Generation` does not drive itself: the :class:`~octomil.engine.scheduler.Scheduler`
+feeds its prompt in chunks, puts its next token into batched decode steps and asks it to emit
+each sampled token as a :class:`TokenEvent`. Iterating a Generation runs it alone through a
+scheduler of its own (the CLI, calibration, benchmarks); the server shares one scheduler among
+all requests. Sampled tokens may be queued lazily (not yet evaluated) so that the next step can
+be built while the previous one computes, as mlx-lm does.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -11,14 +20,15 @@ from typing import Any
 import mlx.core as mx
 
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
-from octomil.engine.layer_loop import FullDepthLoop, LayerLoop, StepResult
+from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
+from octomil.engine.layer_loop import prefill_chunks as _prefill_chunks
 from octomil.engine.sampling import Sampler, top_logprobs
 from octomil.engine.text_stream import TextStream
 from octomil.engine.types import GenerationStats, SamplingParams, TokenEvent, TokenLogprob
 
 
 @dataclass(frozen=True)
-class _Selection:
+class Selection:
     """A step's logits and its (possibly not yet evaluated) sampled token."""
 
     step: StepResult
@@ -33,7 +43,7 @@ class _Selection:
 
 
 class Generation:
-    """Iterate to decode; ``stats`` is complete when iteration ends. Iterate on one thread only."""
+    """One request. Iterate to decode it alone; ``stats`` is complete when iteration ends."""
 
     def __init__(
         self,
@@ -44,20 +54,29 @@ class Generation:
         tokenizer: Any,
         eos_token_ids: frozenset[int],
         vocab_size: int,
+        prefill_chunk: int = PREFILL_STEP,
     ) -> None:
-        self._loop = loop
-        self._prompt = prompt
-        self._params = params
-        self._policy = policy
+        self.loop = loop
+        self.prompt = prompt
+        self.params = params
+        self.policy = policy
         self._tokenizer = tokenizer
         self._eos = frozenset() if params.ignore_eos else eos_token_ids
         self._sampler = Sampler(params, vocab_size)
         self._text = TextStream(tokenizer, params.stop)
         self._cancelled = threading.Event()
+        self._chunks = deque(_prefill_chunks(len(prompt), prefill_chunk))
+        self._queued: deque[Selection] = deque()  # sampled, not yet emitted
+        self._history = list(prompt)
+        self._created = time.perf_counter()
+        self._first_token_at: float | None = None
+        self.finished = False
         self.stats = GenerationStats(total_layers=loop.num_layers, prompt_tokens=len(prompt))
 
+    # ------------------------------------------------------------------ callers' side
+
     def cancel(self) -> None:
-        """Thread-safe: the iteration ends before the next token, finish_reason "cancelled"."""
+        """Thread-safe: decoding stops before the next token, finish_reason "cancelled"."""
         self._cancelled.set()
 
     @property
@@ -65,65 +84,99 @@ class Generation:
         return self._cancelled.is_set()
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        return self._run()
+        from octomil.engine.scheduler import Scheduler, SchedulerConfig
+
+        scheduler = Scheduler(SchedulerConfig(max_batch_size=1))
+        scheduler.submit(self)
+        while not self.finished:
+            yield from (event for _, event in scheduler.step().events)
+
+    # ------------------------------------------------------------------ scheduler's side
 
     @property
-    def _runs_ahead(self) -> bool:
-        """No exit check can happen: step i+1 is queued before token i is read (as mlx-lm)."""
-        no_checks = self._policy is None or not self._policy.exit_layers
+    def kv_tokens(self) -> int:
+        """Cache positions this request may fill: reserved when it is admitted."""
+        return len(self.prompt) + self.params.max_tokens
+
+    @property
+    def prefill_remaining(self) -> int:
+        return sum(c.stop - c.start for c in self._chunks)
+
+    def feed_chunk(self) -> int:
+        """Feed the next prompt chunk into the cache; returns how many tokens it had."""
+        chunk = self._chunks.popleft()
+        self.loop.feed(self.prompt[chunk])
+        return chunk.stop - chunk.start
+
+    @property
+    def runs_ahead(self) -> bool:
+        """No exit check can happen and selection needs no token ids: the next step may be
+        built from this step's unevaluated token."""
+        no_checks = self.policy is None or not self.policy.exit_layers
         return no_checks and not self._sampler.needs_history
 
-    def _select(self, step: StepResult, history: list[int] | None) -> _Selection:
+    @property
+    def wants_step(self) -> bool:
+        """Another decode step is needed for a token that counts (within max_tokens)."""
+        return self.stats.completion_tokens + len(self._queued) < self.params.max_tokens
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def next_input(self) -> tuple[int | mx.array, ExitPolicy | None]:
+        """The token to decode next and the exit policy of that step (the prompt's last token,
+        which yields the first answer token, always runs at full depth)."""
+        if self._queued:
+            return self._queued[-1].token, self.policy
+        if self.stats.completion_tokens:
+            return self._history[-1], self.policy
+        return self.prompt[-1], None
+
+    def select(self, step: StepResult) -> Selection:
+        """Sample lazily from a step's logits and queue the token for emission."""
+        history = self._history if self._sampler.needs_history else None
         token, logprobs = self._sampler.select(step.logits, history)
         entropy = None
-        if self._policy is not None and step.entropy is None:
+        if self.policy is not None and step.entropy is None:
             entropy = entropy_nats(step.logits)  # stats only; evaluated with the token
-        return _Selection(step, token, logprobs, entropy)
+        selection = Selection(step, token, logprobs, entropy)
+        self._queued.append(selection)
+        return selection
 
-    def _run(self) -> Iterator[TokenEvent]:
+    def emit(self) -> TokenEvent:
+        """Read the oldest queued token (evaluating it if needed) and turn it into an event."""
+        current = self._queued.popleft()
+        token = int(current.token.item())
+        step = current.resolved_step()
+        self._history.append(token)
+        now = time.perf_counter()
         stats = self.stats
-        start = time.perf_counter()
-        full_depth = self._loop.num_layers
-        ahead = self._runs_ahead
-        history = list(self._prompt)
-        pending = self._select(
-            StepResult(self._loop.prefill(self._prompt), full_depth, None, False), history
-        )
-        first_token_at = None
-        for i in range(self._params.max_tokens):
-            if self._cancelled.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            current = pending
-            if ahead and i + 1 < self._params.max_tokens:
-                pending = self._select(self._loop.decode(current.token, None), None)
-                mx.async_eval(pending.token, pending.logprobs)
-            token = int(current.token.item())
-            step = current.resolved_step()
-            history.append(token)
-            now = time.perf_counter()
-            if first_token_at is None:
-                first_token_at = now
-                stats.prefill_time_s = stats.time_to_first_token_s = now - start
-            stats.decode_time_s = now - first_token_at
-            self._record(step)
+        if self._first_token_at is None:
+            self._first_token_at = now
+            stats.prefill_time_s = stats.time_to_first_token_s = now - self._created
+        stats.decode_time_s = now - self._first_token_at
+        self._record(step)
+        finish = None
+        if token in self._eos:
+            text, finish = self._text.finish(), "stop"
+        else:
+            text = self._text.add(token)
+            if self._text.stopped:
+                finish = "stop"
+            elif stats.completion_tokens == self.params.max_tokens:
+                text += self._text.finish()
+                finish = "length"
+        stats.finish_reason = finish
+        if finish:
+            self.finished = True
+            self._queued.clear()
+        return self._event(token, text, step, current.logprobs[0], finish)
 
-            finish = None
-            if token in self._eos:
-                text, finish = self._text.finish(), "stop"
-            else:
-                text = self._text.add(token)
-                if self._text.stopped:
-                    finish = "stop"
-                elif i == self._params.max_tokens - 1:
-                    text += self._text.finish()
-                    finish = "length"
-            stats.finish_reason = finish
-            yield self._event(token, text, step, current.logprobs[0], finish)
-            if finish:
-                return
-            if not ahead:
-                pending = self._select(self._loop.decode(token, self._policy), history)
+    def end_cancelled(self) -> None:
+        self.stats.finish_reason = "cancelled"
+        self.finished = True
+        self._queued.clear()
 
     def _record(self, step: StepResult) -> None:
         s = self.stats
@@ -137,7 +190,7 @@ class Generation:
         self, token: int, text: str, step: StepResult, logprobs: Any, finish: str | None
     ) -> TokenEvent:
         chosen, alternatives = None, ()
-        k = self._params.logprobs
+        k = self.params.logprobs
         if k is not None:
             decode = self._tokenizer.decode
             chosen = TokenLogprob(token, decode([token]), float(logprobs[token].item()))

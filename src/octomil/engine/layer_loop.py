@@ -8,19 +8,29 @@ through the layers it skipped, so the KV cache stays exactly the full-depth cach
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 
 from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
-from octomil.engine.exit_policy import ExitPolicy, entropy_nats
+from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
+from octomil.engine.ragged import Segment, run_layer
 from octomil.models.anatomy import Anatomy
 
 # Same chunking as mlx_lm.generate_step, so full-depth prefill matches stock mlx-lm bit for bit.
 PREFILL_STEP = 2048
+
+
+def prefill_chunks(prompt_len: int, chunk: int) -> list[slice]:
+    """The chunks a prompt's tokens are fed in, all but the last token (decoded as a step).
+
+    Depends only on the prompt length and the chunk size, never on other sequences, so a prompt is
+    cut the same way whether it is served alone or beside others (as mlx-lm cuts it: 2048).
+    """
+    return [slice(a, min(a + chunk, prompt_len - 1)) for a in range(0, prompt_len - 1, chunk)]
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,13 @@ class LayerLoop:
         return self.anatomy.num_layers
 
     def _mask(self, h: mx.array, layer: int) -> Any:
+        return self.mask(h.shape[1], layer)
+
+    def mask(self, rows: int, layer: int) -> Any:
+        """Attention mask for ``rows`` new consecutive positions at ``layer`` (None for one)."""
         window = self.anatomy.sliding_window if self.anatomy.is_sliding(layer) else None
-        return create_attention_mask(
-            h, self.cache[layer], window_size=window, return_array=self.anatomy.mask_as_array
+        return self.cache[layer].make_mask(
+            rows, window_size=window, return_array=self.anatomy.mask_as_array
         )
 
     def _run(self, h: mx.array, start: int, stop: int) -> mx.array:
@@ -55,18 +69,20 @@ class LayerLoop:
             h = self.anatomy.layers[i](h, self._mask(h, i), self.cache[i])
         return h
 
+    def feed(self, tokens: list[int]) -> None:
+        """Run ``tokens`` (a prompt chunk) through every layer into the cache; no logits."""
+        assert not self.pending, "prefill after decode with pending rows is not supported"
+        self._run(self.anatomy.embed(mx.array(tokens)[None]), 0, self.num_layers)
+        mx.eval([c.state for c in self.cache])
+        self.position += len(tokens)
+
     def prefill(self, tokens: list[int]) -> mx.array:
         """Feed the prompt at full depth; return the logits (1, vocab) predicting the next token."""
         assert tokens, "empty prompt"
-        assert not self.pending, "prefill after decode with pending rows is not supported"
-        prompt = mx.array(tokens)
-        while prompt.size > 1:
-            n = min(PREFILL_STEP, prompt.size - 1)
-            self._run(self.anatomy.embed(prompt[None, :n]), 0, self.num_layers)
-            mx.eval([c.state for c in self.cache])
-            prompt = prompt[n:]
-        h = self._run(self.anatomy.embed(prompt[None]), 0, self.num_layers)
-        self.position += len(tokens)
+        for chunk in prefill_chunks(len(tokens), PREFILL_STEP):
+            self.feed(tokens[chunk])
+        h = self._run(self.anatomy.embed(mx.array(tokens[-1:])[None]), 0, self.num_layers)
+        self.position += 1
         return self.anatomy.logits(h[:, -1, :])
 
     def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
@@ -74,35 +90,7 @@ class LayerLoop:
 
         ``token`` may be a not-yet-evaluated (1,) array, so the next step can be queued early.
         """
-        position = self.position
-        self.position += 1
-        can_exit = policy is not None and len(self.pending) < MAX_PENDING_ROWS
-        waiting = list(self.pending)
-        rows: list[int] = [position]  # positions of the rows in ``h``, ascending
-        h = self.anatomy.embed(_as_input(token))
-        last_entropy: float | None = None
-        for i in range(self.num_layers):
-            joining = rows_joining(waiting, i)
-            if joining:
-                h, rows = _merge_rows(h, rows, joining)
-                waiting = [r for r in waiting if r.start_layer != i]
-            h = self.anatomy.layers[i](h, self._mask(h, i), self.cache[i])
-            depth = i + 1
-            if can_exit and policy.checks_after(depth):
-                decision = policy.decide(self.anatomy, h[:, -1, :], depth)
-                if decision.entropy is not None:
-                    last_entropy = decision.entropy
-                if decision.exit:
-                    assert decision.logits is not None
-                    self.pending = waiting + [
-                        PendingRow(pos, h[:, k : k + 1, :], depth) for k, pos in enumerate(rows)
-                    ]
-                    return StepResult(decision.logits, depth, last_entropy, exited=True)
-        self.pending = []
-        logits = self.anatomy.logits(h[:, -1, :])
-        if policy is not None:
-            last_entropy = entropy_nats(logits).item()
-        return StepResult(logits, self.num_layers, last_entropy, exited=False)
+        return decode_batch(self.anatomy, [DecodeInput(self, token, policy)])[0]
 
     def flush(self) -> None:
         """Run every pending row to full depth, so the cache is complete for all fed tokens."""
@@ -117,6 +105,132 @@ class LayerLoop:
                 h = self.anatomy.layers[i](h, self._mask(h, i), self.cache[i])
             self.pending = []
         mx.eval([c.state for c in self.cache])
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    """One sequence's part of a batched decode step: its loop, its next token, its exit policy."""
+
+    loop: LayerLoop
+    token: int | mx.array
+    policy: ExitPolicy | None
+
+
+@dataclass
+class _Group:
+    """The rows of one sequence in flight through a decode step (its token is the last row)."""
+
+    index: int  # position in the step's inputs
+    loop: LayerLoop
+    policy: ExitPolicy | None  # None when this step may not exit
+    waiting: list[PendingRow]  # catch-up rows that have not joined yet
+    positions: list[int]  # positions of this sequence's rows in the batch, ascending
+    entropy: float | None = None
+
+
+# What a confident row does while its neighbours continue: "row" leaves alone (its catch-up row
+# rides with the next step); "batch" leaves only when every row of the batch is confident there.
+EXIT_RULES = ("row", "batch")
+
+
+def decode_batch(
+    anatomy: Anatomy, inputs: list[DecodeInput], *, exit_rule: str = "row"
+) -> list[StepResult]:
+    """Feed one token to each sequence of ``inputs`` in one pass: every layer's products read the
+    weights once for all rows (``octomil.engine.ragged``); each sequence may exit on its own.
+
+    Each sequence's result is what ``LayerLoop.decode`` gives it alone (same rows, same cache).
+    """
+    groups = []
+    for k, item in enumerate(inputs):
+        loop = item.loop
+        can_exit = item.policy is not None and len(loop.pending) < MAX_PENDING_ROWS
+        groups.append(
+            _Group(k, loop, item.policy if can_exit else None, list(loop.pending), [loop.position])
+        )
+        loop.position += 1
+    if len(inputs) == 1:
+        h = anatomy.embed(_as_input(inputs[0].token))
+    else:
+        h = anatomy.embed(mx.concatenate([_as_input(i.token) for i in inputs], axis=1))
+    results: list[StepResult | None] = [None] * len(inputs)
+    active = groups
+    for i in range(anatomy.num_layers):
+        if any(r.start_layer == i for g in active for r in g.waiting):
+            h = _join_rows(h, active, i)
+        segments, start = [], 0
+        for g in active:
+            n = len(g.positions)
+            segments.append(Segment(start, start + n, g.loop.cache[i], g.loop.mask(n, i)))
+            start += n
+        h = run_layer(anatomy.layers[i], h, segments)
+        leaving = _exits(anatomy, h, active, segments, i + 1, exit_rule)
+        if leaving:
+            for g, decision in leaving:
+                seg = segments[active.index(g)]
+                g.loop.pending = g.waiting + [
+                    PendingRow(pos, h[:, seg.start + k : seg.start + k + 1, :], i + 1)
+                    for k, pos in enumerate(g.positions)
+                ]
+                results[g.index] = StepResult(decision.logits, i + 1, g.entropy, exited=True)
+            gone = {id(g) for g, _ in leaving}
+            kept = [(g, s) for g, s in zip(active, segments, strict=True) if id(g) not in gone]
+            if not kept:
+                return results  # type: ignore[return-value]
+            active = [g for g, _ in kept]
+            h = mx.concatenate([h[:, s.start : s.stop] for _, s in kept], axis=1)
+    for g in active:
+        g.loop.pending = []
+    if len(active) == 1:
+        logits_all = anatomy.logits(h[:, -1, :])
+    else:
+        ends = list(itertools.accumulate(len(g.positions) for g in active))
+        logits_all = anatomy.logits(h[0, mx.array([e - 1 for e in ends])])  # one head product
+    for k, g in enumerate(active):
+        logits = logits_all if len(active) == 1 else logits_all[k : k + 1]
+        entropy = g.entropy
+        if inputs[g.index].policy is not None:
+            entropy = entropy_nats(logits).item()
+        results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
+    return results  # type: ignore[return-value]
+
+
+def _join_rows(h: mx.array, active: list[_Group], layer: int) -> mx.array:
+    """Insert the catch-up rows that start at ``layer`` into their sequences' row ranges."""
+    pieces, start = [], 0
+    for g in active:
+        n = len(g.positions)
+        own = h[:, start : start + n]
+        start += n
+        joining = rows_joining(g.waiting, layer)
+        if joining:
+            own, g.positions = _merge_rows(own, g.positions, joining)
+            g.waiting = [r for r in g.waiting if r.start_layer != layer]
+        pieces.append(own)
+    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+
+def _exits(
+    anatomy: Anatomy,
+    h: mx.array,
+    active: list[_Group],
+    segments: list[Segment],
+    depth: int,
+    exit_rule: str,
+) -> list[tuple[_Group, ExitDecision]]:
+    """The sequences whose token leaves after ``depth`` layers, with their decisions."""
+    decided = []
+    for g, seg in zip(active, segments, strict=True):
+        if g.policy is None or not g.policy.checks_after(depth):
+            continue
+        decision = g.policy.decide(anatomy, h[:, seg.stop - 1, :], depth)
+        if decision.entropy is not None:
+            g.entropy = decision.entropy
+        decided.append((g, decision))
+    leaving = [(g, d) for g, d in decided if d.exit]
+    if exit_rule == "batch" and len(leaving) < len(active):
+        return []
+    return leaving
 
 
 def _as_input(token: int | mx.array) -> mx.array:
@@ -147,15 +261,16 @@ class FullDepthLoop:
     def num_layers(self) -> int:
         return len(self.model.layers)
 
-    def prefill(self, tokens: list[int]) -> mx.array:
-        prompt = mx.array(tokens)
-        while prompt.size > 1:
-            n = min(PREFILL_STEP, prompt.size - 1)
-            self.model(prompt[None, :n], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            prompt = prompt[n:]
+    def feed(self, tokens: list[int]) -> None:
+        self.model(mx.array(tokens)[None], cache=self.cache)
+        mx.eval([c.state for c in self.cache])
         self.position += len(tokens)
-        return self.model(prompt[None], cache=self.cache)[:, -1, :]
+
+    def prefill(self, tokens: list[int]) -> mx.array:
+        for chunk in prefill_chunks(len(tokens), PREFILL_STEP):
+            self.feed(tokens[chunk])
+        self.position += 1
+        return self.model(mx.array(tokens[-1:])[None], cache=self.cache)[:, -1, :]
 
     def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
         self.position += 1

@@ -1,0 +1,118 @@
+"""One decoder layer over the rows of several sequences: one read of the weights for all of them.
+
+Decoding is bound by memory bandwidth on this CPU: every product reads a whole weight matrix for
+one row. When several sequences decode together, their rows are concatenated into one hidden
+state ``(1, R, D)`` and every *row-wise* part of the layer (norms, the q/k/v and output
+projections, the MLP, residuals) runs once for all rows. Attention is the only part that mixes
+rows, and it must only mix rows of the same sequence, against that sequence's own KV cache. So the
+layer runs with its attention module swapped for :class:`_RaggedAttention`, which computes the
+input projections once for all rows and then calls the family's *own* attention code once per
+sequence, on that sequence's slice, with its projections standing in as precomputed slices and its
+output projection deferred to one product for all rows. The family's RoPE, q/k norms, GQA, soft-caps
+and cache update are therefore exactly the code a sequence decoded alone runs.
+
+Invariant: each sequence's rows see exactly the computation they would alone — the same per-row
+products (the few-row product route computes each row independently of the others in the call,
+see ``octomil.blas``), the same attention over the same cache. So batching never changes a
+sequence's output.
+
+Families whose attention does not fit this shape (no ``q_proj``/``k_proj``/``v_proj`` or
+``qkv_proj`` plus ``o_proj``) run the layer once per sequence (:func:`supports_ragged` is False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows ``start:stop`` of the batch belong to one sequence, with its cache and mask."""
+
+    start: int
+    stop: int
+    cache: Any
+    mask: Any
+
+
+def _input_projections(attention: nn.Module) -> tuple[str, ...] | None:
+    for names in _INPUT_PROJECTIONS:
+        if all(n in attention for n in names) and "o_proj" in attention:
+            return names
+    return None
+
+
+def supports_ragged(layer: nn.Module) -> bool:
+    attention = getattr(layer, "self_attn", None)
+    return isinstance(attention, nn.Module) and _input_projections(attention) is not None
+
+
+class _Rows(nn.Module):
+    """Stands in for a projection: returns its precomputed rows of the current segment."""
+
+    def __init__(self, full: mx.array) -> None:
+        super().__init__()
+        self._full = full
+        self.span = (0, 0)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        a, b = self.span
+        return self._full[:, a:b]
+
+
+class _Identity(nn.Module):
+    def __call__(self, x: mx.array) -> mx.array:
+        return x
+
+
+class _RaggedAttention(nn.Module):
+    """Replaces a layer's ``self_attn`` for one call; see the module docstring."""
+
+    def __init__(self, attention: nn.Module, names: tuple[str, ...], segments: Sequence[Segment]):
+        super().__init__()
+        self._attention = attention
+        self._names = names
+        self._segments = segments
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        attn = self._attention
+        originals = {n: attn[n] for n in (*self._names, "o_proj")}
+        stand_ins = {n: _Rows(originals[n](x)) for n in self._names}
+        outputs = []
+        try:
+            for name, stand_in in stand_ins.items():
+                attn[name] = stand_in
+            attn["o_proj"] = _Identity()
+            for seg in self._segments:
+                for stand_in in stand_ins.values():
+                    stand_in.span = (seg.start, seg.stop)
+                outputs.append(attn(x[:, seg.start : seg.stop], seg.mask, seg.cache))
+        finally:
+            for name, module in originals.items():
+                attn[name] = module
+        joined = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+        return originals["o_proj"](joined)
+
+
+def run_layer(layer: nn.Module, h: mx.array, segments: Sequence[Segment]) -> mx.array:
+    """Apply ``layer`` to ``h`` (1, R, D) whose rows are split into ``segments`` (in row order)."""
+    if len(segments) == 1:
+        seg = segments[0]
+        return layer(h, seg.mask, seg.cache)
+    attention = layer.self_attn
+    names = _input_projections(attention)
+    if names is None:
+        pieces = [layer(h[:, s.start : s.stop], s.mask, s.cache) for s in segments]
+        return mx.concatenate(pieces, axis=1)
+    layer["self_attn"] = _RaggedAttention(attention, names, segments)
+    try:
+        return layer(h, None, None)
+    finally:
+        layer["self_attn"] = attention
