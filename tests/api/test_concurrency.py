@@ -11,7 +11,7 @@ import httpx
 from conftest import MODEL, ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
-SERVER_ARGS = ("--speed-quality", "balanced", "--max-concurrency", "4", "--max-running", "4")
+SERVER_ARGS = ("--speed-quality", "balanced", "--max-concurrency", "4", "--max-batch-size", "4")
 
 
 def _body(max_tokens: int) -> dict:

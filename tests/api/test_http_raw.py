@@ -42,7 +42,8 @@ def _check_headers_match_usage(headers: httpx.Headers, usage: dict) -> None:
 
 
 def test_health_and_models(server: ServerProcess) -> None:
-    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.base_url}/health").json()
+    assert health["status"] == "ok" and health["engine_step_age_s"] == 0.0  # idle engine
     models = httpx.get(f"{server.base_url}/v1/models").json()
     assert models["object"] == "list"
     assert models["data"][0]["id"] == MODEL

@@ -6,7 +6,9 @@ It is not thread-safe: iterate every Generation on one engine thread.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import platform
 from typing import Any
 
@@ -126,6 +128,24 @@ class Engine:
         return ExitPolicy.from_settings(
             settings, self.total_layers, self.exit_layers, self.loaded.anatomy.head_cost_in_layers()
         )
+
+    def default_kv_budget(self, memory_fraction: float = 0.4) -> int:
+        """KV cache positions that fit ``memory_fraction`` of this machine's memory."""
+        args = self.loaded.model.args
+        heads = int(getattr(args, "num_key_value_heads", None) or args.num_attention_heads)
+        head_dim = int(
+            getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        )
+        per_token = 2 * self.total_layers * heads * head_dim * 4  # keys and values, float32
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(self.context_length, int(memory * memory_fraction / per_token))
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text cannot fit the context even at the longest token (a
+        cheap bound checked before tokenizing; 2x margin for normalizers that drop characters)."""
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        return 2 * self.context_length * max(longest, 1)
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):

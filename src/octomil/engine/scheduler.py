@@ -185,4 +185,3 @@ class Scheduler:
         if gen.finished:
             self._decoding.remove(gen)
             self._end(gen, out)
-

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 import octomil
 from octomil.config import EarlyExitSettings
+from octomil.engine.scheduler import StepOutput
 from octomil.server import routes_chat, routes_completions, routes_misc
 from octomil.server.engine_client import EngineClient, EngineLike
 from octomil.server.errors import install_error_handlers
@@ -35,7 +36,13 @@ logger = logging.getLogger("octomil.server")
 def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions) -> ServingState:
     settings: EarlyExitSettings = getattr(engine, "default_early_exit", EarlyExitSettings())
     metrics = ServerMetrics(engine.model_id, engine.total_layers, settings)
-    client.on_queue_change = metrics.set_queue
+    metrics.batch.watch(client.step_age, client.scheduler_config.max_kv_tokens)
+
+    def on_step(out: StepOutput, c: EngineClient) -> None:
+        metrics.set_queue(c.waiting, c.running)
+        metrics.batch.record_step(out.batch_size, out.prefill_tokens, c.kv_tokens_in_use)
+
+    client.on_step = on_step
     return ServingState(
         engine=engine,
         client=client,
@@ -62,9 +69,7 @@ def create_app(
         nonlocal client
         if client is None:
             assert loader is not None
-            client = EngineClient(
-                loader, max_concurrency=options.max_concurrency, max_running=options.max_running
-            )
+            client = EngineClient(loader, max_concurrency=options.max_concurrency)
         app.state.started_at = int(time.time())
         app.state.serving = None
         app.state.load_error = None

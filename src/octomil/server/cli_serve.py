@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Annotated, NoReturn
 
 import typer
@@ -16,6 +17,16 @@ import typer
 from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve_early_exit
 
 _PRESETS = ", ".join(p.value for p in SpeedQuality)
+# Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, README "Batching").
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_PREFILL_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int
+    prefill_chunk: int
+    max_kv_tokens: int | None
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -81,10 +92,39 @@ def serve(
             help="Requests waiting or running at once; more get HTTP 429.",
             envvar="OCTOMIL_MAX_CONCURRENCY",
         ),
-    ] = 8,
-    max_running: Annotated[
-        int, typer.Option(help="Generations stepped in turn on the engine thread.")
-    ] = 4,
+    ] = 64,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Sequences decoded together in one step (one read of the weights); 1 = no "
+            "batching.",
+            envvar="OCTOMIL_MAX_BATCH_SIZE",
+        ),
+    ] = DEFAULT_MAX_BATCH_SIZE,
+    max_prefill_tokens_per_step: Annotated[
+        int,
+        typer.Option(
+            help="Prompt tokens read per engine step (a long prompt is read in chunks of this "
+            "size between decode steps of the running streams).",
+            envvar="OCTOMIL_MAX_PREFILL_TOKENS_PER_STEP",
+        ),
+    ] = DEFAULT_PREFILL_CHUNK,
+    max_kv_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="KV cache positions (prompt + max_tokens of admitted requests) at most; "
+            "requests beyond wait. Default: 40% of memory.",
+            envvar="OCTOMIL_MAX_KV_TOKENS",
+        ),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM/SIGINT: seconds in-flight requests may take to finish before they "
+            "are ended with an error event.",
+            envvar="OCTOMIL_SHUTDOWN_TIMEOUT",
+        ),
+    ] = 30.0,
     default_max_tokens: Annotated[
         int, typer.Option(help="max_tokens when a request does not set one.")
     ] = 512,
@@ -113,8 +153,16 @@ def serve(
         _fail(str(exc))
     if not 0 < port < 65536:
         _fail(f"--port must be within 1..65535, got {port}")
-    if max_concurrency < 1 or max_running < 1 or default_max_tokens < 1:
-        _fail("--max-concurrency, --max-running and --default-max-tokens must be >= 1")
+    if min(max_concurrency, max_batch_size, max_prefill_tokens_per_step, default_max_tokens) < 1:
+        _fail(
+            "--max-concurrency, --max-batch-size, --max-prefill-tokens-per-step and "
+            "--default-max-tokens must be >= 1"
+        )
+    if max_kv_tokens is not None and max_kv_tokens < 1:
+        _fail(f"--max-kv-tokens must be >= 1, got {max_kv_tokens}")
+    if shutdown_timeout < 0:
+        _fail(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    batching = Batching(max_batch_size, max_prefill_tokens_per_step, max_kv_tokens)
     sock = _bind(host, port)
     try:
         _run(
@@ -125,7 +173,8 @@ def serve(
             port,
             api_key,
             max_concurrency,
-            max_running,
+            batching,
+            shutdown_timeout,
             default_max_tokens,
             telemetry_headers,
             dtype,
@@ -144,7 +193,8 @@ def _run(
     port: int,
     api_key: str | None,
     max_concurrency: int,
-    max_running: int,
+    batching: Batching,
+    shutdown_timeout: float,
     default_max_tokens: int,
     telemetry_headers: bool,
     dtype: str,
@@ -155,13 +205,16 @@ def _run(
 
     from octomil.engine.engine import Engine
     from octomil.server.app import create_app
+    from octomil.server.draining import DrainingServer
     from octomil.server.engine_client import EngineClient
     from octomil.server.serving import ServeOptions
 
     client = EngineClient(
         lambda: Engine.load(model, dtype=dtype, early_exit=settings, exit_policy=exit_policy),
         max_concurrency=max_concurrency,
-        max_running=max_running,
+        max_batch_size=batching.max_batch_size,
+        max_kv_tokens=batching.max_kv_tokens or "auto",
+        prefill_chunk=batching.prefill_chunk,
     )
     try:
         engine = client.wait_loaded()
@@ -179,13 +232,13 @@ def _run(
     options = ServeOptions(
         api_key=api_key,
         max_concurrency=max_concurrency,
-        max_running=max_running,
         telemetry_headers=telemetry_headers,
         default_max_tokens=default_max_tokens,
     )
     app = create_app(client, options=options)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn's own grace period only backs up the drain, which ends every stream in time.
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)
+    DrainingServer(config, client, shutdown_timeout).run(sockets=[sock])
 
 
 def models() -> None:

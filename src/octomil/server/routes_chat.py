@@ -68,20 +68,23 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
     ]
-    prompt = await serving.tokenize(state, state.engine.encode_chat, messages)
-    want_logprobs = bool(body.logprobs)
-    params = serving.sampling_params(
-        state,
-        prompt_len=len(prompt),
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop,
-        logprobs=(body.top_logprobs or 0) if want_logprobs else None,
-        prompt_param="messages",
-    )
-    stream = await serving.start(state, GenerationRequest(tuple(prompt), params, early_exit))
+    with serving.admit(state) as slot:  # before any work on the request
+        prompt = await serving.tokenize(state, state.engine.encode_chat, messages)
+        want_logprobs = bool(body.logprobs)
+        params = serving.sampling_params(
+            state,
+            prompt_len=len(prompt),
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop,
+            logprobs=(body.top_logprobs or 0) if want_logprobs else None,
+            prompt_param="messages",
+        )
+        stream = await serving.start(
+            state, GenerationRequest(tuple(prompt), params, early_exit), slot
+        )
     request_id, created = new_id("chatcmpl"), now()
 
     if body.stream:

@@ -59,24 +59,27 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
         else body.prompt
     )
-    if isinstance(prompt_in, str):
-        prompt = await serving.tokenize(state, state.engine.encode, prompt_in)
-    else:
-        prompt = list(prompt_in)  # token ids: the engine checks their range
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
-    params = serving.sampling_params(
-        state,
-        prompt_len=len(prompt),
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop,
-        logprobs=body.logprobs,
-        prompt_param="prompt",
-    )
-    stream = await serving.start(state, GenerationRequest(tuple(prompt), params, early_exit))
+    with serving.admit(state) as slot:  # before any work on the request
+        if isinstance(prompt_in, str):
+            prompt = await serving.tokenize(state, state.engine.encode, prompt_in)
+        else:
+            prompt = list(prompt_in)  # token ids: the engine checks their range
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
+        params = serving.sampling_params(
+            state,
+            prompt_len=len(prompt),
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop,
+            logprobs=body.logprobs,
+            prompt_param="prompt",
+        )
+        stream = await serving.start(
+            state, GenerationRequest(tuple(prompt), params, early_exit), slot
+        )
     request_id, created = new_id("cmpl"), now()
     want_logprobs = body.logprobs is not None
 

@@ -26,6 +26,10 @@ async def list_models(raw: Request) -> ModelList:
     return ModelList(data=[card])
 
 
+# A step decodes one token for the batch plus at most one prompt chunk: seconds, not minutes.
+ENGINE_STALL_S = 60.0
+
+
 @router.get("/health", responses={503: {"model": ErrorResponse}})
 async def health(raw: Request) -> Response:
     """200 once the model is loaded and the engine worker runs; 503 before (and after stop)."""
@@ -33,7 +37,18 @@ async def health(raw: Request) -> Response:
         err = getattr(raw.app.state, "load_error", None)
         message = f"model failed to load: {err}" if err else "the model is still loading"
         return error_response(APIError(503, message, code="model_not_ready"))
-    return JSONResponse({"status": "ok"})
+    client = raw.app.state.serving.client
+    age = client.step_age()
+    body = {
+        "status": "ok",
+        "engine_step_age_s": round(age, 3),
+        "requests_running": client.running,
+        "requests_waiting": client.waiting,
+    }
+    if age > ENGINE_STALL_S:
+        message = f"the engine has not finished a step for {age:.0f} s (stalled)"
+        return error_response(APIError(503, message, code="engine_stalled"))
+    return JSONResponse(body)
 
 
 @router.get("/metrics", response_class=Response)

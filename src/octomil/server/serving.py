@@ -7,6 +7,7 @@ Routes stay thin: they fetch :class:`ServingState` from ``app.state``, call
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from octomil.server.engine_client import (
     EngineClient,
     EngineLike,
     EngineStoppedError,
+    GenerationAbortedError,
     GenerationStream,
     ServerBusyError,
+    Slot,
 )
 from octomil.server.errors import APIError
 from octomil.server.metrics import ServerMetrics
@@ -36,8 +39,7 @@ class ServeOptions:
     """Server knobs set from the CLI (``octomil serve``)."""
 
     api_key: str | None = None
-    max_concurrency: int = 8
-    max_running: int = 4
+    max_concurrency: int = 64
     telemetry_headers: bool = True
     # OpenAI has no default cap; on a CPU decoding ~12 tok/s an unbounded default is a trap.
     default_max_tokens: int = 512
@@ -146,21 +148,52 @@ def sampling_params(
     )
 
 
-async def start(state: ServingState, request: GenerationRequest) -> GenerationStream:
-    """Admit a request to the engine; busy -> 429, shutting down -> 503."""
+def admit(state: ServingState) -> Slot:
+    """Take an admission slot before any work on a request; busy -> 429, shutting down -> 503.
+
+    Use as ``with admit(state) as slot:`` around tokenizing and :func:`start`, which hands the
+    slot to the running request (released when it ends) or frees it on an error.
+    """
     try:
-        return await state.client.generate(request)
+        return state.client.reserve()
     except ServerBusyError as exc:
         raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "1"}) from None
     except EngineStoppedError as exc:
         raise APIError(503, str(exc), code="shutting_down") from None
 
 
-async def tokenize(state: ServingState, fn, *args) -> list[int]:  # noqa: ANN001
+async def start(state: ServingState, request: GenerationRequest, slot: Slot) -> GenerationStream:
+    """Submit an admitted request to the engine."""
     try:
-        return list(await state.client.call(fn, *args))
+        return await state.client.generate(request, slot)
     except EngineStoppedError as exc:
         raise APIError(503, str(exc), code="shutting_down") from None
+
+
+async def tokenize(state: ServingState, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+    """Tokenize on a worker thread (never the engine thread), after a cheap size check: text
+    longer than the context could hold even at the longest token is refused without work."""
+    limit = state.engine.max_prompt_chars
+    size = sum(_text_length(a) for a in args)
+    if size > limit:
+        raise APIError(
+            400,
+            f"the prompt has {size} characters, more than this model's context of "
+            f"{state.engine.context_length} tokens can hold",
+            param="messages" if isinstance(args[0], list) else "prompt",
+            code="context_length_exceeded",
+        )
+    return list(await asyncio.to_thread(fn, *args))
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_length(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_length(v) for v in value)
+    return 0
 
 
 async def run(
@@ -252,12 +285,19 @@ async def collect(
     prompt_tokens: int,
     http_request: Request,
 ) -> Collected:
-    events = [
-        e
-        async for e in run(
-            state, stream, arrival=arrival, prompt_tokens=prompt_tokens, http_request=http_request
-        )
-    ]
+    try:
+        events = [
+            e
+            async for e in run(
+                state,
+                stream,
+                arrival=arrival,
+                prompt_tokens=prompt_tokens,
+                http_request=http_request,
+            )
+        ]
+    except GenerationAbortedError as exc:
+        raise APIError(503, str(exc), code="shutting_down") from None
     finish = events[-1].finish_reason if events else None
     return Collected(
         text="".join(e.text for e in events),

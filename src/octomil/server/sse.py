@@ -17,6 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from octomil.config import ConfigError
 from octomil.engine.errors import EngineInputError
 from octomil.engine.types import TokenEvent
+from octomil.server.engine_client import EngineStoppedError, GenerationAbortedError
 from octomil.server.errors import APIError, error_body
 
 logger = logging.getLogger("octomil.server")
@@ -31,6 +32,8 @@ def _dumps(obj: Any) -> str:
 def _error_event(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return _dumps(error_body(exc.message, exc.type, exc.param, exc.code))
+    if isinstance(exc, (GenerationAbortedError, EngineStoppedError)):
+        return _dumps(error_body(str(exc), "service_unavailable", None, "shutting_down"))
     if isinstance(exc, (EngineInputError, ConfigError)):
         code = getattr(exc, "code", None)
         return _dumps(error_body(str(exc), "invalid_request_error", exc.param, code))
@@ -68,16 +71,27 @@ async def completion_chunks(
     """
     if first_choice is not None:
         yield {**envelope, "choices": [first_choice]}
-    async for event in events:
-        final = event.finish_reason is not None
-        if not final and not event.text and event.logprob is None:
-            continue  # e.g. text held back while a stop string may still match
-        chunk = {**envelope, "choices": [choice(event)]}
-        if final:
-            chunk.update(final_extras())
-        yield chunk
+    try:
+        async for event in events:
+            final = event.finish_reason is not None
+            if not final and not event.text and event.logprob is None:
+                continue  # e.g. text held back while a stop string may still match
+            chunk = {**envelope, "choices": [choice(event)]}
+            if final:
+                chunk.update(final_extras())
+            yield chunk
+    except GenerationAbortedError:
+        # Ended by the server (shutdown deadline): close the choice, then report the error.
+        yield {**envelope, "choices": [choice(_ABORTED)]}
+        raise
     if usage is not None:
         yield {**envelope, "choices": [], "usage": usage()}
+
+
+# The last event of a generation the server ended before it finished.
+_ABORTED = TokenEvent(
+    token_id=-1, text="", layers_used=0, entropy=None, exited_early=False, finish_reason="abort"
+)
 
 
 def response(
