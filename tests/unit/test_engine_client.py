@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from tiny_models import make_tiny_model, tiny_engine
@@ -150,3 +151,18 @@ def test_loader_failure_is_reported() -> None:
         client.close()
 
     asyncio.run(main())
+
+
+def test_step_age_grows_while_the_engine_thread_is_stuck(engine) -> None:
+    """Regression: /health stayed 200 while the engine was stuck; its step age now shows it."""
+
+    async def body(client: EngineClient) -> None:
+        stream = await client.generate(_req(50))
+        stuck = asyncio.create_task(client.call(time.sleep, 1.0))  # blocks the engine thread
+        await asyncio.sleep(0.6)
+        assert client.step_age() > 0.4
+        await stuck
+        assert len(await _drain(stream)) == 50
+        assert client.step_age() == 0.0
+
+    _run(engine, body)

@@ -10,8 +10,10 @@ so every stream closes properly and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+from types import FrameType
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from octomil.server.engine_client import EngineClient
 
@@ -21,9 +23,19 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._client = client
         self._timeout = timeout
+        # sse-starlette would end every stream at the signal itself (no [DONE]); the drain ends
+        # them instead, and releases whatever is left once it is done.
+        AppStatus.disable_automatic_graceful_drain()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after shutting down (exit status -15); a completed drain
+        # is a clean exit.
+        self._captured_signals.clear()
 
     async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[override]
         for server in self.servers:
             server.close()  # no new connections while draining
         await asyncio.to_thread(self._client.drain, self._timeout)
+        AppStatus.should_exit = True
         await super().shutdown(sockets)
