@@ -94,6 +94,11 @@ class Generation:
     # ------------------------------------------------------------------ scheduler's side
 
     @property
+    def output_tokens(self) -> list[int]:
+        """The tokens emitted so far."""
+        return self._history[len(self.prompt) :]
+
+    @property
     def kv_tokens(self) -> int:
         """Cache positions this request may fill: reserved when it is admitted."""
         return len(self.prompt) + self.params.max_tokens
