@@ -172,3 +172,24 @@ def test_kv_budget_queues_requests_that_do_not_fit_yet(byte_tokenizer):
     too_big = engine.generate(GenerationRequest(_prompt(3, 30), SamplingParams(max_tokens=20)))
     with pytest.raises(PromptTooLongError):
         scheduler.submit(too_big)
+
+
+def test_batch_exit_rule_leaves_only_when_every_row_is_confident(byte_tokenizer):
+    """The seed paper's rule: a row confident at a depth waits for its neighbours there."""
+    engine = tiny_engine(sharpen(make_tiny_model("llama")), byte_tokenizer, early_exit=EXIT_ON)
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=4, exit_rule="batch"))
+    gens = [engine.generate(r) for r in _requests()[:4]]
+    for g in gens:
+        scheduler.submit(g)
+    exits = 0
+    while not scheduler.idle:
+        out = scheduler.step()
+        depths = {event.layers_used for _, event in out.events}
+        assert len(depths) <= 1, depths  # every row of a step leaves at the same depth
+        exits += sum(event.exited_early for _, event in out.events)
+    assert exits > 0
+
+
+def test_unknown_exit_rule_is_refused():
+    with pytest.raises(ValueError, match="exit_rule"):
+        SchedulerConfig(exit_rule="fastest")
