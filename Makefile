@@ -47,7 +47,7 @@ bench-report: setup
 	$(PY) benchmarks/report.py $(ARGS)
 
 # Many clients at once over HTTP: Octomil (batching, early exit on/off) vs llama.cpp's and
-# mlx-lm's servers (~40 min; builds llama.cpp into .bench-env/ first if missing, ~20 min).
+# mlx-lm's servers (~45 min; builds llama.cpp into .bench-env/ first if missing, ~25 min).
 bench-serve: setup
 	$(PY) benchmarks/serve_bench.py $(ARGS)
 

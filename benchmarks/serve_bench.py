@@ -11,8 +11,8 @@ number, so no server can answer from a prompt cache. Each server is warmed up be
 Writes ``results/serve.json`` (per configuration and level: aggregate output tok/s, TTFT and
 inter-token latency p50/p95/p99, requests/s, errors, average layers per token; machine facts,
 versions, exact commands) and ``serve.png``; ``serve_render.py`` turns the JSON into the tables of
-REPORT.md and the README. The full run (5 configurations x 4 levels, <= 90 s a level plus
-startups and warm-ups) takes ~40 min; run it on a quiet machine:
+REPORT.md and the README. The full run (6 configurations x 4 levels, <= 90 s a level plus
+startups and warm-ups) takes ~45 min; run it on a quiet machine:
 
     make bench-serve                               # = .venv/bin/python benchmarks/serve_bench.py
     .venv/bin/python benchmarks/serve_bench.py --quick   # smoke: octomil, 1 and 4 clients -> /tmp
@@ -64,6 +64,9 @@ DEFAULT_CONFIGS = (
     "octomil-no-batch=octomil:--max-batch-size 1",
     "octomil-exit=octomil:--speed-quality balanced",
     "llama.cpp",
+    # One thread as well: with other processes on the cores, llama.cpp's two threads can stall
+    # for seconds in their spinning barriers (report.py measures both for the same reason).
+    "llama.cpp-1t=llama.cpp:-t 1 -tb 1",
     "mlx-lm",
 )
 QUICK_CONFIGS = ("octomil",)
@@ -166,7 +169,7 @@ def prepare(configs: list[ServerConfig], args: argparse.Namespace) -> tuple[Path
         ok = done.returncode == 0
         mlx_dir = args.mlx_dir if ok else None
         status["mlx-lm"] = {"available": ok, "model_dir": str(args.mlx_dir)} | (
-            {} if ok else {"reason": done.stderr.strip().splitlines()[-1:]}
+            {} if ok else {"reason": "\n".join(done.stderr.strip().splitlines()[-3:])}
         )
     paths = Paths(Path(sys.executable), args.bench_env, Path(gguf), mlx_dir)
     return paths, status

@@ -9,7 +9,8 @@ from one process. Kinds, all on the same model:
 - ``octomil``: ``octomil serve`` on the embedded GGUF (fp32 weights in memory);
 - ``llama.cpp``: llama.cpp's own ``llama-server`` on the same GGUF file (Q4_1), parallel slots
   and continuous batching, 2 threads (``bench_env.py`` builds it);
-- ``llama-cpp-python``: ``python -m llama_cpp.server`` on the same file; one request at a time;
+- ``llama-cpp-python``: ``python -m llama_cpp.server`` on the same file; one request at a time
+  (queued; its stream carries no usage, so tokens are counted as content chunks);
 - ``mlx-lm``: stock ``mlx_lm.server`` on the same weights dequantized to fp32
   (``mlx_model_dir.py``), with OpenBLAS preloaded as the BRIEF's stock baseline has it.
 
@@ -112,6 +113,8 @@ def command(
             *("-m", "llama_cpp.server", "--model", str(paths.gguf), *host),
             *("--n_ctx", str(CTX_PER_SLOT), "--n_threads", str(threads)),
             *("--n_threads_batch", str(threads)),
+            # By default a new request interrupts the one streaming: queue them instead.
+            *("--interrupt_requests", "False"),
         ]
     else:  # mlx-lm
         assert paths.mlx_dir is not None
