@@ -6,6 +6,7 @@ It is not thread-safe: iterate every Generation on one engine thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 from typing import Any
@@ -19,6 +20,7 @@ from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, res
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import FullDepthLoop, LayerLoop
+from octomil.engine.prompt_tokens import PromptTokenizer
 from octomil.engine.types import GenerationRequest
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
@@ -124,13 +126,22 @@ class Engine:
             settings, self.total_layers, self.exit_layers, self.loaded.anatomy.head_cost_in_layers()
         )
 
+    @functools.cached_property
+    def _prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer(self.tokenizer)
+
     def encode(self, text: str) -> list[int]:
+        """A completions prompt, tokenized as text: control strings such as ``<|im_start|>`` in it
+        are not parsed as special tokens (as in OpenAI's API; send token ids for those)."""
         if not isinstance(text, str):
             raise EngineInputError("prompt must be a string", param="prompt")
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return self._prompt_tokenizer.encode_text(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Apply the model's chat template (with the assistant generation prompt) and tokenize."""
+        """Apply the model's chat template (with the assistant generation prompt) and tokenize.
+
+        Message content is text: only the template's own markers become control tokens, so
+        content cannot forge a turn (:mod:`octomil.engine.prompt_tokens`)."""
         if not messages:
             raise EngineInputError("messages must contain at least one message", param="messages")
         for i, m in enumerate(messages):
@@ -143,18 +154,7 @@ class Engine:
                 raise EngineInputError(
                     f"messages[{i}].content must be a string", param=f"messages.{i}.content"
                 )
-        if self.tokenizer.chat_template is None:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        else:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:  # jinja raises TemplateError for e.g. non-alternating roles
-                raise EngineInputError(
-                    f"chat template rejected the messages: {exc}", param="messages"
-                ) from None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._prompt_tokenizer.encode_chat(messages)
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Validate the request and return its (not yet started) Generation."""
