@@ -142,7 +142,7 @@ def generate(
         fail(str(exc))
     if not as_json:
         typer.echo(f"[engine] Selected: {engine.selection}", err=True)
-        typer.echo(f"[early-exit] {settings.describe()}", err=True)
+        typer.echo(f"[early-exit] {engine.effective_early_exit.describe()}", err=True)
         if settings.enabled:
             typer.echo(f"[early-exit] Policy: {engine.exit_choice.status}", err=True)
     pieces = []

@@ -21,7 +21,7 @@ from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
-from octomil.engine.types import GenerationRequest
+from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
 
@@ -105,6 +105,26 @@ class Engine:
         return (
             f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
         )
+
+    @property
+    def effective_early_exit(self) -> EffectiveEarlyExit:
+        """What the default settings do here: where checks are placed, or why none is."""
+        settings = self.default_early_exit
+        policy = self.policy_for(settings) if settings.enabled else None
+        layers = tuple(policy.exit_layers) if policy is not None else ()
+        if not settings.enabled or layers:
+            return EffectiveEarlyExit(settings, layers)
+        if not self.early_exit_supported:
+            why = f"not supported for model family {self.loaded.family!r}"
+        elif self.exit_choice.bundle is not None:
+            why = "policy: no check pays on this machine"
+        elif self.exit_choice.raw_head:
+            why = "no depth can repay a check of the shared head"
+        elif self.exit_choice.status.startswith("none"):
+            why = "--exit-policy none"
+        else:
+            why = f"no calibrated exit policy for this model (`octomil calibrate {self.model_id}`)"
+        return EffectiveEarlyExit(settings, (), why)
 
     def policy_for(
         self, settings: EarlyExitSettings | None, method: str | None = None

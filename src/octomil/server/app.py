@@ -34,13 +34,15 @@ logger = logging.getLogger("octomil.server")
 
 def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions) -> ServingState:
     settings: EarlyExitSettings = getattr(engine, "default_early_exit", EarlyExitSettings())
-    metrics = ServerMetrics(engine.model_id, engine.total_layers, settings)
+    effective = getattr(engine, "effective_early_exit", None)  # the real Engine has it
+    checks = tuple(effective.exit_layers) if effective is not None else ()
+    metrics = ServerMetrics(engine.model_id, engine.total_layers, settings, checks)
     client.on_queue_change = metrics.set_queue
     return ServingState(
         engine=engine,
         client=client,
         metrics=metrics,
-        totals=EarlyExitTotals(engine.total_layers, settings),
+        totals=EarlyExitTotals(engine.total_layers, settings, checks_placed=checks),
         options=options,
         default_early_exit=settings,
     )

@@ -172,7 +172,7 @@ def _run(
         client.close()
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
     print(f"[engine] Selected: {engine.selection}", flush=True)
-    print(f"[early-exit] {engine.default_early_exit.describe()}", flush=True)
+    print(f"[early-exit] {engine.effective_early_exit.describe()}", flush=True)
     print(f"[serve] Listening on http://{host}:{port}", flush=True)
     if settings.enabled:
         print(f"[early-exit] Policy: {engine.exit_choice.status}", flush=True)
