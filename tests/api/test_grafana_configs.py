@@ -116,6 +116,9 @@ def test_compose_wires_octomil_prometheus_and_grafana() -> None:
     assert (
         "--host" in services["octomil"]["command"] and "0.0.0.0" in services["octomil"]["command"]
     )
+    # Regression: Grafana's admin password was a published admin/admin.
+    grafana_env = services["grafana"]["environment"]
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     for volume in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
         source = volume.split(":")[0]
         assert (ROOT / source).exists(), source
