@@ -62,12 +62,14 @@ from report_render import (
     render,
 )
 
+from octomil.calibrate.prompts import eval_prompts_path
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DEFAULT_OUT = RESULTS / "report.json"
 DEFAULT_MD = HERE / "REPORT.md"
-LONG_PROMPT_SOURCES = (HERE / "prompts" / "eval_prompts.jsonl", DEFAULT_PROMPTS)
+LONG_PROMPT_SOURCES = (eval_prompts_path(), DEFAULT_PROMPTS)
 BENCH_ENV = ROOT / ".bench-env"
 LLAMACPP_PIN = "llama-cpp-python==0.3.36"
 # llama.cpp on both cores, as a user would run it; and on one, which stays fast when other

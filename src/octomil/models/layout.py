@@ -20,10 +20,12 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
+from octomil.config import WEIGHT_LAYOUTS
 from octomil.models import layout_cache
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-LAYOUT_CHOICES = ("auto", "native", *DTYPES)
+LAYOUT_CHOICES = WEIGHT_LAYOUTS
+assert set(LAYOUT_CHOICES) == {"auto", "native", *DTYPES}
 # Timing stops for a layout this many times slower than the fastest after a round.
 DROPOUT_FACTOR = 3.0
 # (in, out) storage is adopted when its matvec takes less than this share of the (out, in) one.
