@@ -25,4 +25,4 @@ def test_eval_prompts_ship_as_package_data() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = project["tool"]["setuptools"]["package-data"]["octomil"]
     assert any(path.relative_to(ROOT / "src" / "octomil").match(p) for p in patterns)
-    assert len(path.read_text().splitlines()) >= 16
+    assert len(path.read_text().splitlines()) == 32
