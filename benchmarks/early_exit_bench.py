@@ -45,6 +45,7 @@ from octomil.calibrate.evaluate import (
     summarize,
     teacher_forced,
 )
+from octomil.calibrate.prompts import eval_prompts_path
 from octomil.config import SpeedQuality, resolve_early_exit
 from octomil.engine.engine import Engine
 from octomil.engine.exit_policy import ExitPolicy
@@ -87,7 +88,7 @@ def describe(policy: ExitPolicy | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=Path, default=ROOT / "prompts" / "eval_prompts.jsonl")
+    ap.add_argument("--prompts", type=Path, default=eval_prompts_path())
     ap.add_argument("--every", type=int, default=2, help="Use every k-th prompt (default: 2 -> 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--exit-policy", default=None, help="Policy dir (default: the one found)")

@@ -63,12 +63,14 @@ from report_render import (
     render,
 )
 
+from octomil.calibrate.prompts import eval_prompts_path
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DEFAULT_OUT = RESULTS / "report.json"
 DEFAULT_MD = HERE / "REPORT.md"
-LONG_PROMPT_SOURCES = (HERE / "prompts" / "eval_prompts.jsonl", DEFAULT_PROMPTS)
+LONG_PROMPT_SOURCES = (eval_prompts_path(), DEFAULT_PROMPTS)
 # llama.cpp on both cores, as a user would run it; and on one, which stays fast when other
 # processes share the cores (its threads wait for each other in spinning barriers).
 LLAMACPP_THREADS = {LLAMA: 2, LLAMA1: 1}

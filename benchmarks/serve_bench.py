@@ -48,10 +48,12 @@ from serve_servers import (
     versions,
 )
 
+from octomil.calibrate.prompts import eval_prompts_path
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "serve.json"
-SHORT_PROMPTS = HERE / "prompts" / "eval_prompts.jsonl"
+SHORT_PROMPTS = eval_prompts_path()
 LONG_SOURCES = (SHORT_PROMPTS, HERE / "prompts" / "engine_prompts.jsonl")
 LONG_TOKENS = (500, 1000, 1500)
 CHARS_PER_TOKEN = 3.6  # SmolLM2's tokenizer on these lists (measured: ~3.6, template aside)

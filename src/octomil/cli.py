@@ -2,18 +2,20 @@
 register themselves from their subsystems.
 
 Heavy imports (mlx, the engine) happen inside commands so ``--help`` and ``--version`` are instant.
-User errors end with one line on stderr and a non-zero exit code, never a traceback.
+User errors end with one ``error:`` line on stderr and exit status 2, never a traceback
+(:mod:`octomil.cli_common`); flags are checked before the model loads.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from octomil import __version__
+from octomil.cli_common import TYPER_SETTINGS, check_dtype, check_exit_policy, check_model, fail
 from octomil.config import ConfigError, SpeedQuality, resolve_early_exit
 
 app = typer.Typer(
@@ -21,7 +23,7 @@ app = typer.Typer(
     help="OpenAI-compatible LLM server on MLX with entropy-based early exit.",
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_enable=False,
+    **TYPER_SETTINGS,
 )
 
 ModelArg = Annotated[
@@ -48,7 +50,12 @@ ExitLayersOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Weight layout: auto|float32|bfloat16|float16|native")
+    str,
+    typer.Option(
+        "--dtype",
+        help="Weight layout: auto (the faster exact one: native or float32), native, float32, "
+        "bfloat16, float16",
+    ),
 ]
 
 
@@ -65,11 +72,6 @@ def parse_exit_layers(text: str | None) -> tuple[int, ...] | None:
     return layers
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"octomil {__version__}")
@@ -77,7 +79,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")
     ] = False,
@@ -113,18 +115,25 @@ def generate(
     try:
         settings = resolve_early_exit(speed_quality, early_exit_threshold)
         layers = parse_exit_layers(exit_layers)
+        if layers is not None and not settings.enabled:
+            raise ConfigError(
+                "--exit-layers needs --early-exit-threshold or --speed-quality "
+                "(without one, decoding is full depth and no layer is checked)"
+            )
+        check_dtype(dtype)
+        check_model(model)
+        check_exit_policy(exit_policy)
     except ConfigError as exc:
         fail(str(exc))
     from octomil.engine.engine import Engine
     from octomil.engine.errors import EngineInputError
     from octomil.engine.types import GenerationRequest, SamplingParams
-    from octomil.models.errors import ModelNotAvailableError
 
     try:
         engine = Engine.load(
             model, dtype=dtype, early_exit=settings, exit_layers=layers, exit_policy=exit_policy
         )
-    except (ModelNotAvailableError, ValueError) as exc:
+    except ValueError as exc:  # ModelNotAvailableError, ExitPolicyError: found while loading
         fail(str(exc))
     try:
         ids = (
@@ -142,7 +151,7 @@ def generate(
         fail(str(exc))
     if not as_json:
         typer.echo(f"[engine] Selected: {engine.selection}", err=True)
-        typer.echo(f"[early-exit] {settings.describe()}", err=True)
+        typer.echo(f"[early-exit] {engine.effective_early_exit.describe()}", err=True)
         if settings.enabled:
             typer.echo(f"[early-exit] Policy: {engine.exit_choice.status}", err=True)
     pieces = []
@@ -193,5 +202,12 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def main() -> None:
+    """The ``octomil`` console command."""
+    from octomil.cli_common import run
+
+    run(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -5,6 +5,9 @@ The server runs with an API key, max-concurrency 1 (for 429) and telemetry heade
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import threading
 import time
 
@@ -81,6 +84,27 @@ def chat(**kw: object) -> dict:
         ),
         (chat(frequency_penalty=0.5), "frequency_penalty"),
         (chat(seed=2**70), "seed"),
+        # Regression: booleans were taken as integers (max_tokens: true -> 1), strings as
+        # booleans (early_exit: "yes" -> true).
+        (chat(max_tokens=True), "max_tokens"),
+        (chat(temperature=False), "temperature"),
+        (chat(early_exit="yes"), "early_exit"),
+        (chat(stream="yes"), "stream"),
+        (chat(logprobs="true"), "logprobs"),
+        (chat(early_exit={"threshold": True}), "early_exit.threshold"),
+        # Regression: fields that would change the answer were accepted and silently ignored.
+        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat(tool_choice="auto"), "tool_choice"),
+        (chat(functions=[{"name": "f"}]), "functions"),
+        (chat(function_call={"name": "f"}), "function_call"),
+        (chat(logit_bias={"1": 100}), "logit_bias"),
+        (chat(response_format={"type": "json_object"}), "response_format"),
+        (chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages.0.name"),
+        (chat(top_k=1), "top_k"),
+        (
+            chat(stream_options={"include_usage": True, "chunk_size": 3}),
+            "stream_options.chunk_size",
+        ),
     ],
 )
 def test_chat_bad_requests_are_400(server: ServerProcess, body: dict, param: str) -> None:
@@ -100,10 +124,131 @@ def test_chat_bad_requests_are_400(server: ServerProcess, body: dict, param: str
         ({"model": MODEL, "prompt": "x", "logprobs": 9}, "logprobs"),
         ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
         ({"model": MODEL, "prompt": "x", "n": 3}, "n"),
+        ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": -100}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "prompt": [1, True]}, "prompt.1"),
+        ({"model": MODEL, "prompt": "x", "echo": "no"}, "echo"),
     ],
 )
 def test_completion_bad_requests_are_400(server: ServerProcess, body: dict, param: str) -> None:
     _error(_post(server, "/v1/completions", body), 400, param)
+
+
+def test_unsupported_fields_say_why(server: ServerProcess) -> None:
+    err = _error(_post(server, "/v1/chat/completions", chat(tools=[{"type": "function"}])), 400)
+    assert err["message"] == "'tools' is not supported: tool calling is not implemented yet"
+    assert err["code"] == "unsupported_parameter"
+    err = _error(_post(server, "/v1/chat/completions", chat(top_k=1)), 400, "top_k")
+    assert err["message"] == "unrecognized request argument: 'top_k'"
+    assert err["code"] == "unknown_parameter"
+
+
+def test_no_op_values_of_unsupported_fields_are_accepted(server: ServerProcess) -> None:
+    """What SDKs send when nothing is asked for (no tools, best_of 1, an echoed assistant
+    message) changes nothing, so it is not refused."""
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None},
+        {"role": "user", "content": "Bye"},
+    ]
+    body = chat(messages=messages, tools=[], tool_choice="none", logit_bias={})
+    assert _post(server, "/v1/chat/completions", body).status_code == 200
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "best_of": 1}
+    assert _post(server, "/v1/completions", body).status_code == 200
+
+
+def test_five_stop_sequences_say_at_most_4(server: ServerProcess) -> None:
+    """Regression: the message was pydantic's "List should have at most 4 items"."""
+    err = _error(_post(server, "/v1/chat/completions", chat(stop=list("abcde"))), 400, "stop")
+    assert "at most 4 stop sequences" in err["message"]
+
+
+# A lone UTF-16 surrogate: json.dumps writes it as the escape \ud800, valid JSON but not text.
+LONE = "\ud800"
+COMPLETION = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+SURROGATE_BODIES = [
+    (
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": LONE}]),
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        chat(messages=[{"role": "system", "content": "a" + LONE}, *MSG]),
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": LONE}]}]),
+        "messages.0.content.0.text",
+    ),
+    ("/v1/chat/completions", chat(stop=["ok", LONE]), "stop.1"),
+    ("/v1/completions", {**COMPLETION, "prompt": LONE}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [LONE]}, "prompt.0"),
+    ("/v1/completions", {**COMPLETION, "stop": LONE}, "stop"),
+    ("/v1/completions", {**COMPLETION, "model": LONE}, "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), SURROGATE_BODIES)
+def test_lone_surrogates_are_400_and_keep_the_connection(
+    server: ServerProcess, path: str, body: dict, param: str
+) -> None:
+    """Regression: a lone UTF-16 surrogate reached the tokenizer (TypeError, HTTP 500) and the
+    connection was reset for the next request on it."""
+    raw = json.dumps(body).encode()
+    assert b"\\ud800" in raw
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as client:
+        r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        err = _error(r, 400, param)
+        assert "surrogate" in err["message"]
+        ok = client.post("/v1/completions", json={**COMPLETION, "prompt": "Hi"})
+        assert ok.status_code == 200, ok.text
+
+
+def _exchange(sock: socket.socket, path: str, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on an open keep-alive socket; (status, body) of its answer."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"<closed>"
+        assert not data.endswith(b"<closed>"), data
+    headers, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", headers).group(1))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-response"
+        rest += chunk
+    return int(headers.split(b" ", 2)[1]), rest
+
+
+def test_lone_surrogate_then_a_request_on_the_same_raw_connection(server: ServerProcess) -> None:
+    """Regression (raw bytes, one socket): the 500 reset the keep-alive connection."""
+    bad = b'{"model":"%s","messages":[{"role":"user","content":"\\ud800"}]}' % MODEL.encode()
+    good = json.dumps({**COMPLETION, "prompt": "Hi"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        status, body = _exchange(sock, "/v1/chat/completions", bad)
+        assert status == 400, body
+        assert json.loads(body)["error"]["param"] == "messages.0.content"
+        status, body = _exchange(sock, "/v1/completions", good)
+        assert status == 200, body
+
+
+def test_lone_surrogate_in_a_key_is_400(server: ServerProcess) -> None:
+    raw = json.dumps({**COMPLETION, LONE: 1}).encode()
+    err = _error(_post(server, "/v1/completions", content=raw), 400)
+    assert "unicode" in err["message"]
+
+
+def test_invalid_utf8_bytes_are_400(server: ServerProcess) -> None:
+    body = b'{"model":"%s","prompt":"\xff\xfe"}' % MODEL.encode()
+    _error(_post(server, "/v1/completions", content=body), 400)
 
 
 def test_malformed_json_is_400(server: ServerProcess) -> None:

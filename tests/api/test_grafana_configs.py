@@ -67,6 +67,7 @@ def test_dashboard_has_the_expected_panels(dashboard: dict) -> None:
         "Tokens per second": "timeseries",
         "Queue depth and running requests": "timeseries",
         "Errors by status": "timeseries",
+        "Early exit in effect": "stat",
     }
     for title, kind in expected.items():
         assert by_title[title]["type"] == kind, title
@@ -85,6 +86,11 @@ def test_dashboard_has_the_expected_panels(dashboard: dict) -> None:
     ttft = [t["expr"] for t in by_title["Time to first token (p50/p90/p99)"]["targets"]]
     assert any("histogram_quantile(0.99" in e for e in ttft)
     assert 'status=~"4..|5.."' in by_title["Errors by status"]["targets"][0]["expr"]
+    # Regression: the dashboard showed a threshold as if early exit were active at full depth.
+    effective = by_title["Early exit in effect"]
+    assert "octomil_early_exit_checks_placed" in effective["targets"][0]["expr"]
+    mappings = effective["fieldConfig"]["defaults"]["mappings"]
+    assert mappings[0]["options"]["0"]["text"] == "No: full depth"
 
 
 def test_every_queried_series_is_exported(dashboard: dict) -> None:
@@ -110,6 +116,9 @@ def test_compose_wires_octomil_prometheus_and_grafana() -> None:
     assert (
         "--host" in services["octomil"]["command"] and "0.0.0.0" in services["octomil"]["command"]
     )
+    # Regression: Grafana's admin password was a published admin/admin.
+    grafana_env = services["grafana"]["environment"]
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     for volume in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
         source = volume.split(":")[0]
         assert (ROOT / source).exists(), source

@@ -53,7 +53,11 @@ def test_health_and_models(server: ServerProcess) -> None:
 def test_startup_lines_are_printed_in_order(server: ServerProcess) -> None:
     lines = server.output().splitlines()
     engine = next(i for i, line in enumerate(lines) if line.startswith("[engine] Selected: mlx"))
-    assert lines[engine + 1] == "[early-exit] Enabled: threshold=0.5, min_layers=25%"
+    # Regression: the line said "Enabled" alone while the shipped policy places no check here.
+    assert lines[engine + 1] == (
+        "[early-exit] Enabled: threshold=0.5, min_layers=25% — policy: no check pays on this "
+        "machine, serving full depth"
+    )
     assert lines[engine + 2] == f"[serve] Listening on http://127.0.0.1:{server.port}"
 
 
@@ -145,6 +149,9 @@ def test_metrics_counters_move_after_a_request(server: ServerProcess) -> None:
     assert after["octomil_total_layers{}"] == 30
     assert after["octomil_early_exit_threshold{}"] == 0.5
     assert after["octomil_early_exit_enabled{}"] == 1
+    # Regression: only "enabled" was exported, though no check is placed (full depth).
+    assert after["octomil_early_exit_effective{}"] == 0
+    assert after["octomil_early_exit_checks_placed{}"] == 0
     assert after["octomil_requests_running{}"] == 0
     assert after["octomil_requests_waiting{}"] == 0
     # Buckets 1..30: one per possible depth.
@@ -155,6 +162,7 @@ def test_metrics_counters_move_after_a_request(server: ServerProcess) -> None:
 def test_early_exit_stats_endpoint(server: ServerProcess) -> None:
     stats = httpx.get(f"{server.base_url}/v1/early-exit/stats").json()
     assert stats["enabled"] is True
+    assert stats["effective"] is False and stats["checks_after_layers"] == []
     assert stats["threshold"] == 0.5 and stats["preset"] == "fast"
     assert stats["min_layers"] == 8  # ceil(25% of 30)
     assert stats["total_layers"] == 30

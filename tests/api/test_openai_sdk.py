@@ -29,6 +29,18 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert [m.id for m in models.data] == [MODEL]
 
 
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    """Regression: GET /v1/models/{id} was missing, so the SDK's models.retrieve got 404."""
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "octomil")
+    assert card.model_extra["total_layers"] == 30
+    assert card == client.models.list().data[0]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-9")
+    assert info.value.body["code"] == "model_not_found"
+    assert info.value.body["param"] == "model"
+
+
 def test_chat_non_streaming_greedy(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,

@@ -49,6 +49,7 @@ def test_eval_json_on_two_prompts(tmp_path):
         text=True,
         timeout=600,
         env={**os.environ, "OCTOMIL_CACHE": str(tmp_path)},
+        cwd=tmp_path,  # regression: the default prompts path was relative to the repository
     )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)

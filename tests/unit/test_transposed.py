@@ -41,7 +41,8 @@ def test_tied_embedding_becomes_transposed_embedding():
     assert not any(type(m) is nn.Linear for _, m in model.named_modules())
 
 
-def test_apply_layout_records_the_storage_measurement():
+def test_apply_layout_records_the_storage_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("OCTOMIL_CACHE", str(tmp_path))  # a fresh decision, not the user's
     model = make_tiny_model("llama")
     choice = apply_layout(model, LayoutChoice("native", {}, measured=False))
     assert choice.storage_ms is not None and len(choice.storage_ms) == 2

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from octomil.cli_common import check_dtype, check_exit_policy, check_model, fail
 from octomil.config import ConfigError, SpeedQuality, resolve_early_exit
 
 ModelArg = Annotated[
@@ -20,7 +21,12 @@ ModelArg = Annotated[
     typer.Argument(help="Alias, local model dir / .gguf, or HF repo id (default: embedded)"),
 ]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Weight layout: auto|float32|bfloat16|float16|native")
+    str,
+    typer.Option(
+        "--dtype",
+        help="Weight layout: auto (the faster exact one: native or float32), native, float32, "
+        "bfloat16, float16",
+    ),
 ]
 
 
@@ -36,20 +42,15 @@ class Method(str, Enum):
     lowrank_fewest = "lowrank-fewest-layers"
 
 
-def _fail(message: str, code: int = 2):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
         layers = tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
     except ValueError:
-        _fail(f"--layers must be comma-separated depths such as 8,12,15, got {text!r}")
+        fail(f"--layers must be comma-separated depths such as 8,12,15, got {text!r}")
     if not layers:
-        _fail("--layers is empty")
+        fail("--layers is empty")
     return layers
 
 
@@ -72,13 +73,23 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
             bar.update(total - done)
 
 
+def _check(model: str | None, dtype: str, exit_policy: str | None = None) -> None:
+    """The flags every command here shares, checked before anything loads."""
+    try:
+        check_dtype(dtype)
+        check_model(model)
+        check_exit_policy(exit_policy)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 def _load(model: str | None, dtype: str, exit_policy: str | None = None):
     from octomil.engine.engine import Engine
 
     try:
         return Engine.load(model, dtype=dtype, exit_policy=exit_policy)
-    except ValueError as exc:  # ModelNotAvailableError, ExitPolicyError, bad dtype: one line
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
+    except ValueError as exc:  # ModelNotAvailableError, ExitPolicyError: found while loading
+        fail(str(exc) or type(exc).__name__)
 
 
 def calibrate(
@@ -122,13 +133,14 @@ def calibrate(
 ) -> None:
     """Train exit adapters and gates for a model; calibrate where each preset checks for exits."""
     parsed = _parse_layers(layers)
+    _check(model, dtype)
     from octomil.calibrate.pipeline import CalibrationConfig, save_replay
     from octomil.calibrate.pipeline import calibrate as run
     from octomil.engine.policy_store import user_policy_dir
 
     engine = _load(model, dtype, exit_policy="none")
     if engine.loaded.anatomy is None:
-        _fail(f"early exit is not supported for model family {engine.loaded.family!r}")
+        fail(f"early exit is not supported for model family {engine.loaded.family!r}")
     target = out or user_policy_dir(engine.model_id)
     command = (
         "octomil calibrate " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate"] else ""
@@ -156,7 +168,7 @@ def calibrate(
             say=lambda s: typer.echo(f"[calibrate] {s}", err=True),
         )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     bundle.save(target)
     save_replay(target, bundle.replay, bundle.timing_prompt)
     secs = bundle.manifest.calibration.get("wall_clock_s", {}).get("total_s", 0)
@@ -182,12 +194,12 @@ def _retime(engine, out: Path | None, repeats: int) -> None:
         else:
             choice = resolve_exit_policy(engine.model_id, source, engine.total_layers, hidden, None)
             if choice.bundle is None:
-                _fail(f"no exit policy found for {engine.model_id}: run `octomil calibrate` first")
+                fail(f"no exit policy found for {engine.model_id}: run `octomil calibrate` first")
             bundle = choice.bundle
         say = lambda s: typer.echo(f"[calibrate] {s}", err=True)  # noqa: E731
         new = retime(engine.loaded, bundle, bundle.path, repeats, _progress, say)
     except (ExitPolicyError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     target = out or user_policy_dir(engine.model_id)
     new.save(target)
     save_replay(target, new.replay, new.timing_prompt)
@@ -197,9 +209,13 @@ def _retime(engine, out: Path | None, repeats: int) -> None:
 def eval_command(
     model: ModelArg = None,
     prompts: Annotated[
-        Path,
-        typer.Option("--prompts", help='JSONL file, one {"prompt": ..., "category": ...} per line'),
-    ] = Path("benchmarks/prompts/eval_prompts.jsonl"),
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help='JSONL file, one {"prompt": ..., "category": ...} per line (default: the '
+            "held-out prompts shipped with Octomil)",
+        ),
+    ] = None,
     speed_quality: Annotated[
         SpeedQuality | None,
         typer.Option("--speed-quality", help="Preset (default: balanced); overrides a threshold"),
@@ -229,21 +245,23 @@ def eval_command(
             speed_quality = SpeedQuality.balanced
         settings = resolve_early_exit(speed_quality, early_exit_threshold)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from octomil.calibrate.evaluate import PromptFileError, evaluate, load_prompts
+    from octomil.calibrate.prompts import eval_prompts_path
     from octomil.engine.policy_store import ExitPolicyError
 
     try:
-        rows = load_prompts(prompts, limit)
+        rows = load_prompts(prompts or eval_prompts_path(), limit)
     except PromptFileError as exc:
-        _fail(str(exc))
+        fail(str(exc))
+    _check(model, dtype, exit_policy)
     engine = _load(model, dtype, exit_policy)
     if engine.loaded.anatomy is None:
-        _fail(f"early exit is not supported for model family {engine.loaded.family!r}")
+        fail(f"early exit is not supported for model family {engine.loaded.family!r}")
     try:
         policy = engine.policy_for(settings, method=method.value if method else None)
     except ExitPolicyError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     where = "none (full depth)" if policy is None else ",".join(map(str, policy.exit_layers))
     how = getattr(policy, "method", "lens") if policy is not None else "-"
     if not as_json:

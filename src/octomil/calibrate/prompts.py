@@ -3,11 +3,20 @@
 Exit adapters are trained on the model's *own* continuations of these prompts (self-distillation),
 so calibration works offline for any chat model. The set mixes the kinds of text a server sees:
 facts, explanations, code, arithmetic, lists, creative writing, rewriting, advice, conversation
-and structured output. Held-out evaluation prompts live in ``benchmarks/prompts/eval_prompts.jsonl``
-and share none of these prompts.
+and structured output. Held-out evaluation prompts ship beside this file (``eval_prompts.jsonl``,
+package data: ``octomil eval``'s default works outside the repository) and share none of these.
 """
 
 from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def eval_prompts_path() -> Path:
+    """The held-out evaluation prompts (JSONL, ``{"prompt": ..., "category": ...}`` per line)."""
+    return Path(str(resources.files("octomil.calibrate").joinpath("eval_prompts.jsonl")))
+
 
 CALIBRATION_PROMPTS: tuple[tuple[str, str], ...] = (
     # facts

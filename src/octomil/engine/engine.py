@@ -21,7 +21,8 @@ from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, res
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
-from octomil.engine.types import GenerationRequest
+from octomil.engine.prompt_tokens import PromptTokenizer
+from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
 
@@ -109,6 +110,26 @@ class Engine:
             f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
         )
 
+    @property
+    def effective_early_exit(self) -> EffectiveEarlyExit:
+        """What the default settings do here: where checks are placed, or why none is."""
+        settings = self.default_early_exit
+        policy = self.policy_for(settings) if settings.enabled else None
+        layers = tuple(policy.exit_layers) if policy is not None else ()
+        if not settings.enabled or layers:
+            return EffectiveEarlyExit(settings, layers)
+        if not self.early_exit_supported:
+            why = f"not supported for model family {self.loaded.family!r}"
+        elif self.exit_choice.bundle is not None:
+            why = "policy: no check pays on this machine"
+        elif self.exit_choice.raw_head:
+            why = "no depth can repay a check of the shared head"
+        elif self.exit_choice.status.startswith("none"):
+            why = "--exit-policy none"
+        else:
+            why = f"no calibrated exit policy for this model (`octomil calibrate {self.model_id}`)"
+        return EffectiveEarlyExit(settings, (), why)
+
     def policy_for(
         self, settings: EarlyExitSettings | None, method: str | None = None
     ) -> ExitPolicy | None:
@@ -147,13 +168,22 @@ class Engine:
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         return 2 * self.context_length * max(longest, 1)
 
+    @functools.cached_property
+    def _prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer(self.tokenizer)
+
     def encode(self, text: str) -> list[int]:
+        """A completions prompt, tokenized as text: control strings such as ``<|im_start|>`` in it
+        are not parsed as special tokens (as in OpenAI's API; send token ids for those)."""
         if not isinstance(text, str):
             raise EngineInputError("prompt must be a string", param="prompt")
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return self._prompt_tokenizer.encode_text(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Apply the model's chat template (with the assistant generation prompt) and tokenize."""
+        """Apply the model's chat template (with the assistant generation prompt) and tokenize.
+
+        Message content is text: only the template's own markers become control tokens, so
+        content cannot forge a turn (:mod:`octomil.engine.prompt_tokens`)."""
         if not messages:
             raise EngineInputError("messages must contain at least one message", param="messages")
         for i, m in enumerate(messages):
@@ -166,18 +196,7 @@ class Engine:
                 raise EngineInputError(
                     f"messages[{i}].content must be a string", param=f"messages.{i}.content"
                 )
-        if self.tokenizer.chat_template is None:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        else:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:  # jinja raises TemplateError for e.g. non-alternating roles
-                raise EngineInputError(
-                    f"chat template rejected the messages: {exc}", param="messages"
-                ) from None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._prompt_tokenizer.encode_chat(messages)
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Validate the request and return its (not yet started) Generation."""

@@ -31,6 +31,9 @@ import mlx.nn as nn
 from octomil.config import EarlyExitSettings
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
 from octomil.engine.policy_store import (
+    ENV_VAR,
+    LENS,
+    NONE,
     WEIGHTS,
     ExitPolicyError,
     Manifest,
@@ -309,12 +312,6 @@ class ExitPolicyBundle:
 
 
 # --- which policy serves a loaded model ----------------------------------------------------------
-
-LENS = (
-    "lens"  # --exit-policy lens: the raw shared head, no adapters (the pre-calibration behaviour)
-)
-NONE = "none"  # --exit-policy none: never exit early
-ENV_VAR = "OCTOMIL_EXIT_POLICY"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ FORMAT = "octomil-exit-policy"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+# --exit-policy values that name no directory.
+LENS = "lens"  # the raw shared head, no adapters (the pre-calibration behaviour)
+NONE = "none"  # never exit early
+ENV_VAR = "OCTOMIL_EXIT_POLICY"
 _HASH_CHUNK = 1 << 20
 
 

@@ -118,3 +118,28 @@ class GenerationRequest:
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
     early_exit: EarlyExitSettings | None = None  # None: the engine's configured default
+
+
+@dataclass(frozen=True)
+class EffectiveEarlyExit:
+    """What the default early-exit settings actually do on this machine: the depths where a
+    token is checked for an exit. Settings can be enabled while the exit policy places no check
+    (none pays on this CPU): then decoding is full depth and ``why_full_depth`` says why."""
+
+    settings: EarlyExitSettings
+    exit_layers: tuple[int, ...] = ()
+    why_full_depth: str = ""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.exit_layers)
+
+    def describe(self) -> str:
+        """``Enabled: threshold=0.3, min_layers=50%, checks after layers 15, 18, 22``, or
+        ``Enabled: ... — policy: no check pays on this machine, serving full depth``."""
+        text = self.settings.describe()
+        if not self.settings.enabled:
+            return text
+        if self.active:
+            return f"{text}, checks after layers {', '.join(map(str, self.exit_layers))}"
+        return f"{text} — {self.why_full_depth}, serving full depth"

@@ -3,11 +3,16 @@
 On MLX's Linux CPU backend quantized and half-precision matmuls do not use BLAS and run several
 times slower than fp32 with OpenBLAS (see BRIEF), so a 4-bit checkpoint is often fastest
 dequantized to fp32. We do not assume that: :func:`measure_layouts` times one decode-shaped
-product (one token through an MLP-sized projection) in each candidate layout at load time.
+product (one token through an MLP-sized projection) at load time. ``--dtype auto`` chooses only
+among *exact* layouts (the checkpoint's own, or fp32, which holds every 4/8-bit, fp16 and bf16
+weight exactly): a rounding layout (bf16, fp16 from fp32) changes answers, so it is used only when
+asked for with ``--dtype``. Exact layouts still sum in different orders, so the first decision on a
+machine is kept (:mod:`octomil.models.layout_cache`): machine load never changes a later one.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,11 +20,12 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
+from octomil.config import WEIGHT_LAYOUTS
+from octomil.models import layout_cache
+
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-LAYOUT_CHOICES = ("auto", "native", *DTYPES)
-# A layout that rounds the weights must be this much faster than the best exact one to be chosen:
-# timings under load are noisy, and precision should not be traded for noise.
-LOSSY_MARGIN = 1.25
+LAYOUT_CHOICES = WEIGHT_LAYOUTS
+assert set(LAYOUT_CHOICES) == {"auto", "native", *DTYPES}
 # Timing stops for a layout this many times slower than the fastest after a round.
 DROPOUT_FACTOR = 3.0
 # (in, out) storage is adopted when its matvec takes less than this share of the (out, in) one.
@@ -33,6 +39,7 @@ class LayoutChoice:
     measured: bool
     transposed: bool = False  # float weights stored (in, out); see octomil.models.transposed
     storage_ms: tuple[float, float] | None = None  # matvec ms with (out, in) vs (in, out) storage
+    cached: bool = False  # decided by an earlier load's measurement on this machine
 
     def describe(self, native: str) -> str:
         what = native if self.layout == "native" else self.layout
@@ -41,12 +48,17 @@ class LayoutChoice:
         if not self.measured:
             return f"{what} (requested)"
         times = ", ".join(
-            f"{k} {v:.2f} ms" for k, v in sorted(self.timings_ms.items(), key=lambda kv: kv[1])
+            f"{native if k == 'native' else k} {v:.2f} ms"
+            for k, v in sorted(self.timings_ms.items(), key=lambda kv: kv[1])
         )
-        text = f"{what} (measured per-token matvec: {times}"
+        text = f"{what} (" + (
+            f"measured per-token matvec: {times}" if times else "no other exact layout"
+        )
         if self.storage_ms:
             out_in, in_out = self.storage_ms
             text += f"; storage (out, in) {out_in:.2f} ms vs (in, out) {in_out:.2f} ms"
+        if self.cached:
+            text += f"; decided earlier on this machine, kept in {layout_cache.decisions_path()}"
         return text + ")"
 
 
@@ -99,25 +111,44 @@ def _largest_projection(layer: nn.Module) -> nn.Module | None:
     return max(linears, key=lambda m: m.weight.shape[0] * _in_features(m), default=None)
 
 
+def _decision_key(proj: nn.Module, **extra: object) -> dict[str, object]:
+    """What a timing decision depends on: the machine, its libraries, the weights' format."""
+    from octomil import blas
+
+    weights = f"{proj.bits}-bit" if isinstance(proj, nn.QuantizedLinear) else str(proj.weight.dtype)
+    weights = weights.replace("mlx.core.", "")
+    return {
+        "cpu": layout_cache.cpu_name(),
+        "machine": platform.machine(),
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "blas": blas.describe(),
+        "weights": weights,
+        "projection": [int(proj.weight.shape[0]), _in_features(proj)],
+        **extra,
+    }
+
+
 def measure_layouts(model: nn.Module) -> dict[str, float]:
-    """Milliseconds of one token through a representative projection, per candidate layout."""
+    """Milliseconds of one token through a representative projection, per exact layout:
+    "native" (the checkpoint's own) and "float32"; empty when there is nothing to choose."""
     proj = _largest_projection(model.model.layers[0])
     if proj is None:
         return {}
     if isinstance(proj, nn.QuantizedLinear):
         w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
-    else:
+        xq = mx.random.normal((1, 1, w.shape[1])).astype(proj.scales.dtype)
+        native = lambda: proj(xq)  # noqa: E731
+    elif proj.weight.dtype != mx.float32:
         w = proj.weight
-    x = mx.random.normal((1, 1, w.shape[1]))
-    fns: dict[str, Callable[[], mx.array]] = {}
-    if isinstance(proj, nn.QuantizedLinear):
-        xq = x.astype(proj.scales.dtype)
-        fns["native"] = lambda: proj(xq)
-    for name, dtype in DTYPES.items():
-        wd, xd = w.astype(dtype), x.astype(dtype)
-        mx.eval(wd, xd)
-        fns[name] = lambda wd=wd, xd=xd: xd @ wd.T
-    return _time_interleaved(fns)
+        xn = mx.random.normal((1, 1, w.shape[1])).astype(w.dtype)
+        native = lambda: xn @ w.T  # noqa: E731
+    else:
+        return {}  # fp32 already: the only exact layout
+    w32 = w.astype(mx.float32)
+    x32 = mx.random.normal((1, 1, w.shape[1]))
+    mx.eval(w32, x32)
+    return _time_interleaved({"native": native, "float32": lambda: x32 @ w32.T})
 
 
 def measure_storage(model: nn.Module) -> tuple[float, float] | None:
@@ -134,24 +165,29 @@ def measure_storage(model: nn.Module) -> tuple[float, float] | None:
 
 
 def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
-    """Pick (and measure) the layout; converting happens in :func:`apply_layout`."""
+    """Pick the layout; converting happens in :func:`apply_layout`.
+
+    ``auto`` picks the faster exact layout, native or fp32, never one that rounds the weights;
+    the decision is measured once per machine and kept (see the module docstring)."""
     if requested not in LAYOUT_CHOICES:
         raise ValueError(f"--dtype must be one of {', '.join(LAYOUT_CHOICES)}, got {requested!r}")
     if requested != "auto":
         return LayoutChoice(requested, {}, measured=False)
-    timings = measure_layouts(model)
-    if not timings:
+    proj = _largest_projection(model.model.layers[0])
+    if proj is None:
         return LayoutChoice("native", {}, measured=False)
-    native = native_description(model)
-    # fp32 holds quantized, fp16 and bf16 weights exactly; the other dtypes round them.
-    lossless = {k: v for k, v in timings.items() if k in ("native", "float32", native)}
-    best = min(lossless, key=lossless.__getitem__)
-    fastest = min(timings, key=timings.__getitem__)
-    if timings[fastest] * LOSSY_MARGIN < timings[best]:
-        best = fastest
-    if best == native:
-        best = "native"
-    return LayoutChoice(best, timings, measured=True)
+
+    def measure() -> dict[str, object]:
+        timings = measure_layouts(model)
+        best = min(timings, key=timings.__getitem__) if timings else "native"
+        return {"layout": best, "timings_ms": timings}
+
+    decision, cached = layout_cache.decide("layout", _decision_key(proj), measure)
+    timings = {str(k): float(v) for k, v in dict(decision.get("timings_ms", {})).items()}
+    layout = str(decision.get("layout"))
+    if layout not in ("native", "float32"):  # a hand-edited or foreign file: never a rounding one
+        layout = "native"
+    return LayoutChoice(layout, timings, measured=True, cached=cached and bool(timings))
 
 
 def convert_precision(model: nn.Module, layout: str) -> None:
@@ -167,15 +203,27 @@ def convert_precision(model: nn.Module, layout: str) -> None:
 
 
 def apply_layout(model: nn.Module, choice: LayoutChoice) -> LayoutChoice:
-    """Convert ``model`` in place; then store float weights (in, out) if measured faster.
+    """Convert ``model`` in place; then store float weights (in, out) if measured faster (once per
+    machine, kept like the layout decision: the two storages round differently).
 
     Returns the choice with the storage decision filled in.
     """
     convert_precision(model, choice.layout)
-    storage = measure_storage(model)
-    if storage is None or storage[1] >= STORAGE_MARGIN * storage[0]:
-        return replace(choice, storage_ms=storage)
+    proj = _largest_projection(model.model.layers[0])
+    if not isinstance(proj, nn.Linear):
+        return choice
+
+    def measure() -> dict[str, object]:
+        storage = measure_storage(model)
+        assert storage is not None
+        return {"storage_ms": list(storage), "transposed": storage[1] < STORAGE_MARGIN * storage[0]}
+
+    decision, cached = layout_cache.decide("storage", _decision_key(proj), measure)
+    out_in, in_out = (float(t) for t in decision["storage_ms"])
+    choice = replace(choice, storage_ms=(out_in, in_out), cached=choice.cached or cached)
+    if not decision.get("transposed"):
+        return choice
     from octomil.models.transposed import transpose_for_decode
 
     transpose_for_decode(model)
-    return replace(choice, transposed=True, storage_ms=storage)
+    return replace(choice, transposed=True)

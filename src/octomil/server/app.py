@@ -35,7 +35,9 @@ logger = logging.getLogger("octomil.server")
 
 def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions) -> ServingState:
     settings: EarlyExitSettings = getattr(engine, "default_early_exit", EarlyExitSettings())
-    metrics = ServerMetrics(engine.model_id, engine.total_layers, settings)
+    effective = getattr(engine, "effective_early_exit", None)  # the real Engine has it
+    checks = tuple(effective.exit_layers) if effective is not None else ()
+    metrics = ServerMetrics(engine.model_id, engine.total_layers, settings, checks)
     metrics.batch.watch(client.step_age, client.scheduler_config.max_kv_tokens)
 
     def on_step(out: StepOutput, c: EngineClient) -> None:
@@ -47,7 +49,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         engine=engine,
         client=client,
         metrics=metrics,
-        totals=EarlyExitTotals(engine.total_layers, settings),
+        totals=EarlyExitTotals(engine.total_layers, settings, checks_placed=checks),
         options=options,
         default_early_exit=settings,
     )

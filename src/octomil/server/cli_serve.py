@@ -1,37 +1,76 @@
 """``octomil serve`` and ``octomil models``: registered on the main Typer app by ``register(app)``.
 
 Heavy imports (the engine, MLX, uvicorn, FastAPI) happen inside the commands so ``--help`` is
-instant. Every user error ends the process with one line on stderr and a non-zero exit code.
+instant. Every flag is checked before anything loads (:meth:`ServeFlags.check`); a user error
+ends the process with one ``error:`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
+import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from octomil.cli_common import (
+    check_dtype,
+    check_exit_policy,
+    check_log_level,
+    check_model,
+    fail,
+)
 from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve_early_exit
 
 _PRESETS = ", ".join(p.value for p in SpeedQuality)
-# Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, README "Batching").
+# Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, README "Concurrency").
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_PREFILL_CHUNK = 64
 
 
 @dataclass(frozen=True)
-class Batching:
+class ServeFlags:
+    """``octomil serve``'s flags, resolved. A new flag: a field here and a line in check()."""
+
+    model: str | None
+    settings: EarlyExitSettings
+    host: str
+    port: int
+    api_key: str | None
+    max_concurrency: int
     max_batch_size: int
-    prefill_chunk: int
+    max_prefill_tokens_per_step: int
     max_kv_tokens: int | None
+    shutdown_timeout: float
+    default_max_tokens: int
+    telemetry_headers: bool
+    dtype: str
+    exit_policy: str | None
+    log_level: str
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    def check(self) -> None:
+        """Every check that needs no model; raises ConfigError naming the flag."""
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be within 1..65535, got {self.port}")
+        for flag, value in (
+            ("--max-concurrency", self.max_concurrency),
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-prefill-tokens-per-step", self.max_prefill_tokens_per_step),
+            ("--max-kv-tokens", 1 if self.max_kv_tokens is None else self.max_kv_tokens),
+            ("--default-max-tokens", self.default_max_tokens),
+        ):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
+        check_log_level(self.log_level)
+        check_dtype(self.dtype)
+        check_model(self.model)
+        check_exit_policy(self.exit_policy)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -39,7 +78,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        _fail(f"cannot resolve host {host!r}: {exc.strerror}")
+        fail(f"cannot resolve host {host!r}: {exc.strerror}")
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,8 +87,8 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            _fail(f"port {port} on {host} is already in use (choose another with --port)")
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+            fail(f"port {port} on {host} is already in use (choose another with --port)")
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
     sock.set_inheritable(True)
     return sock
 
@@ -104,8 +143,8 @@ def serve(
     max_prefill_tokens_per_step: Annotated[
         int,
         typer.Option(
-            help="Prompt tokens read per engine step (a long prompt is read in chunks of this "
-            "size between decode steps of the running streams).",
+            help="Prompt tokens read per engine step: a long prompt is read in chunks of this "
+            "size between the decode steps of the running streams.",
             envvar="OCTOMIL_MAX_PREFILL_TOKENS_PER_STEP",
         ),
     ] = DEFAULT_PREFILL_CHUNK,
@@ -135,7 +174,13 @@ def serve(
             help="Send X-Octomil-* early-exit headers.",
         ),
     ] = True,
-    dtype: Annotated[str, typer.Option(help="Weight dtype: auto, float32, float16, ...")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Weight layout: auto (the faster exact one: native or float32), native, "
+            "float32, bfloat16, float16."
+        ),
+    ] = "auto",
     exit_policy: Annotated[
         str | None,
         typer.Option(
@@ -144,63 +189,55 @@ def serve(
             envvar="OCTOMIL_EXIT_POLICY",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug, trace.")
+    ] = "info",
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
-        settings = resolve_early_exit(preset=speed_quality, threshold=early_exit_threshold)
-    except ConfigError as exc:
-        _fail(str(exc))
-    if not 0 < port < 65536:
-        _fail(f"--port must be within 1..65535, got {port}")
-    if min(max_concurrency, max_batch_size, max_prefill_tokens_per_step, default_max_tokens) < 1:
-        _fail(
-            "--max-concurrency, --max-batch-size, --max-prefill-tokens-per-step and "
-            "--default-max-tokens must be >= 1"
+        flags = ServeFlags(
+            model=model,
+            settings=resolve_early_exit(preset=speed_quality, threshold=early_exit_threshold),
+            host=host,
+            port=port,
+            api_key=api_key or None,
+            max_concurrency=max_concurrency,
+            max_batch_size=max_batch_size,
+            max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+            max_kv_tokens=max_kv_tokens,
+            shutdown_timeout=shutdown_timeout,
+            default_max_tokens=default_max_tokens,
+            telemetry_headers=telemetry_headers,
+            dtype=dtype,
+            exit_policy=exit_policy,
+            log_level=log_level.lower(),
         )
-    if max_kv_tokens is not None and max_kv_tokens < 1:
-        _fail(f"--max-kv-tokens must be >= 1, got {max_kv_tokens}")
-    if shutdown_timeout < 0:
-        _fail(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
-    batching = Batching(max_batch_size, max_prefill_tokens_per_step, max_kv_tokens)
+        flags.check()
+    except ConfigError as exc:
+        fail(str(exc))
     sock = _bind(host, port)
     try:
-        _run(
-            model,
-            settings,
-            sock,
-            host,
-            port,
-            api_key,
-            max_concurrency,
-            batching,
-            shutdown_timeout,
-            default_max_tokens,
-            telemetry_headers,
-            dtype,
-            exit_policy,
-            log_level,
-        )
+        _run(flags, sock)
     finally:
         sock.close()
 
 
-def _run(
-    model: str | None,
-    settings: EarlyExitSettings,
-    sock: socket.socket,
-    host: str,
-    port: int,
-    api_key: str | None,
-    max_concurrency: int,
-    batching: Batching,
-    shutdown_timeout: float,
-    default_max_tokens: int,
-    telemetry_headers: bool,
-    dtype: str,
-    exit_policy: str | None,
-    log_level: str,
-) -> None:
+def exposure_warning(sock: socket.socket, api_key: str | None) -> str | None:
+    """The startup warning for a server others can reach (not loopback) that asks for no key."""
+    address = sock.getsockname()[0]
+    try:
+        loopback = ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or api_key:
+        return None
+    return (
+        f"[serve] WARNING: listening on {address} without an API key: anyone who can reach this "
+        "port can use the model. Set --api-key (or OCTOMIL_API_KEY)."
+    )
+
+
+def _run(flags: ServeFlags, sock: socket.socket) -> None:
     import uvicorn
 
     from octomil.engine.engine import Engine
@@ -210,35 +247,51 @@ def _run(
     from octomil.server.serving import ServeOptions
 
     client = EngineClient(
-        lambda: Engine.load(model, dtype=dtype, early_exit=settings, exit_policy=exit_policy),
-        max_concurrency=max_concurrency,
-        max_batch_size=batching.max_batch_size,
-        max_kv_tokens=batching.max_kv_tokens or "auto",
-        prefill_chunk=batching.prefill_chunk,
+        lambda: Engine.load(
+            flags.model,
+            dtype=flags.dtype,
+            early_exit=flags.settings,
+            exit_policy=flags.exit_policy,
+        ),
+        max_concurrency=flags.max_concurrency,
+        max_batch_size=flags.max_batch_size,
+        max_kv_tokens=flags.max_kv_tokens or "auto",
+        prefill_chunk=flags.max_prefill_tokens_per_step,
     )
     try:
         engine = client.wait_loaded()
     except KeyboardInterrupt:
         client.close(timeout=0)
         raise typer.Exit(130) from None
-    except ValueError as exc:  # ModelNotAvailableError and bad dtype: one user-facing line
+    except ValueError as exc:  # ModelNotAvailableError, ExitPolicyError: found while loading
         client.close()
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
+        try:
+            fail(str(exc) or type(exc).__name__)
+        except typer.Exit as done:
+            # MLX was used on the worker thread that has now ended: its per-thread stream
+            # outlives it, and destroying that at interpreter exit aborts the process
+            # ("terminate called without an active exception", status 134). Nothing is left
+            # to clean up here, so leave without running those destructors.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.exit_code)
     print(f"[engine] Selected: {engine.selection}", flush=True)
-    print(f"[early-exit] {engine.default_early_exit.describe()}", flush=True)
-    print(f"[serve] Listening on http://{host}:{port}", flush=True)
-    if settings.enabled:
+    print(f"[early-exit] {engine.effective_early_exit.describe()}", flush=True)
+    print(f"[serve] Listening on http://{flags.host}:{flags.port}", flush=True)
+    if flags.settings.enabled:
         print(f"[early-exit] Policy: {engine.exit_choice.status}", flush=True)
+    if warning := exposure_warning(sock, flags.api_key):
+        print(warning, file=sys.stderr, flush=True)
     options = ServeOptions(
-        api_key=api_key,
-        max_concurrency=max_concurrency,
-        telemetry_headers=telemetry_headers,
-        default_max_tokens=default_max_tokens,
+        api_key=flags.api_key,
+        max_concurrency=flags.max_concurrency,
+        telemetry_headers=flags.telemetry_headers,
+        default_max_tokens=flags.default_max_tokens,
     )
     app = create_app(client, options=options)
     # uvicorn's own grace period only backs up the drain, which ends every stream in time.
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)
-    DrainingServer(config, client, shutdown_timeout).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level=flags.log_level, timeout_graceful_shutdown=10)
+    DrainingServer(config, client, flags.shutdown_timeout).run(sockets=[sock])
 
 
 def models() -> None:

@@ -62,10 +62,25 @@ class APIError(Exception):
         self.headers = headers
 
 
+def _printable(text: str | None) -> str | None:
+    """Escape lone surrogates (a client's JSON key or value can carry them into a message):
+    a response body must be valid UTF-8, or the server would fail while answering."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     message: str, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {
+        "error": {
+            "message": _printable(message),
+            "type": type,
+            "param": _printable(param),
+            "code": code,
+        }
+    }
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -94,13 +109,28 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
     # With unions pydantic reports one error per member: the deepest location is the
-    # member the client meant (e.g. early_exit.threshold rather than "not a boolean").
-    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    # member the client meant (e.g. early_exit.threshold rather than "not a boolean"); at equal
+    # depth, a failed check of the right type (a lone surrogate in a list of strings) rather
+    # than "not an integer".
+    first = max(
+        errors,
+        key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")),
+    )
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+    kind = first.get("type")
     param = _loc_to_param(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value"))
-    if first.get("type") == "missing":
+    if kind == "extra_forbidden":
+        # The unknown key itself is kept whatever its spelling (it is not a union tag).
+        *where, key = first.get("loc", ("",))
+        param = ".".join(filter(None, (_loc_to_param(tuple(where)), str(key))))
+        return APIError(
+            400, f"unrecognized request argument: {param!r}", param=param, code="unknown_parameter"
+        )
+    if kind == "unsupported_parameter":  # the message names the field and says why
+        return APIError(400, msg, param=param, code="unsupported_parameter")
+    if kind == "missing":
         msg = f"missing required parameter {param!r}" if param else "request body is required"
     elif param:
         msg = f"invalid value for {param!r}: {msg}"

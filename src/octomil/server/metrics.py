@@ -37,7 +37,13 @@ disable_created_metrics()
 class ServerMetrics:
     """All series the server exports, pre-bound to one model label."""
 
-    def __init__(self, model: str, total_layers: int, settings: EarlyExitSettings) -> None:
+    def __init__(
+        self,
+        model: str,
+        total_layers: int,
+        settings: EarlyExitSettings,
+        checks_placed: tuple[int, ...] = (),
+    ) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         r = self.registry
@@ -120,7 +126,24 @@ class ServerMetrics:
             registry=r,
         ).labels(model)
         self.enabled = Gauge(
-            "octomil_early_exit_enabled", "1 when early exit is on by default.", m, registry=r
+            "octomil_early_exit_enabled",
+            "1 when early exit is requested by default (a preset or threshold); whether any "
+            "token can exit is octomil_early_exit_effective.",
+            m,
+            registry=r,
+        ).labels(model)
+        # What the exit policy makes of the settings on this machine: it may place no check.
+        self.effective = Gauge(
+            "octomil_early_exit_effective",
+            "1 when the default settings place at least one exit check; 0: full depth.",
+            m,
+            registry=r,
+        ).labels(model)
+        self.checks_placed = Gauge(
+            "octomil_early_exit_checks_placed",
+            "Depths where the default settings check for an exit (0: full depth).",
+            m,
+            registry=r,
         ).labels(model)
         self.min_layers = Gauge(
             "octomil_early_exit_min_layers",
@@ -132,13 +155,17 @@ class ServerMetrics:
             "octomil_total_layers", "Decoder layers in the served model.", m, registry=r
         ).labels(model)
         self.total_layers.set(total_layers)
-        self.set_settings(settings, total_layers)
+        self.set_settings(settings, total_layers, checks_placed)
         self.batch = BatchMetrics(r, model)
 
-    def set_settings(self, settings: EarlyExitSettings, total_layers: int) -> None:
+    def set_settings(
+        self, settings: EarlyExitSettings, total_layers: int, checks_placed: tuple[int, ...] = ()
+    ) -> None:
         self.threshold.set(settings.threshold or 0.0)
         self.enabled.set(1 if settings.enabled else 0)
         self.min_layers.set(settings.min_layers(total_layers) if settings.enabled else total_layers)
+        self.effective.set(1 if checks_placed else 0)
+        self.checks_placed.set(len(checks_placed))
 
     def record_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model, endpoint, str(status)).inc()

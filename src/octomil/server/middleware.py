@@ -23,6 +23,12 @@ ENDPOINTS = (
 )
 
 
+def endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
 class RequestMetricsMiddleware:
     """Counts every response by endpoint and status (including 401/413 from inner middleware)."""
 
@@ -47,7 +53,7 @@ class RequestMetricsMiddleware:
             serving = getattr(scope["app"].state, "serving", None) if "app" in scope else None
             if serving is not None:
                 path = scope.get("path", "")
-                serving.metrics.record_request(path if path in ENDPOINTS else "other", status)
+                serving.metrics.record_request(endpoint_label(path), status)
 
 
 class BodyLimitMiddleware:

@@ -1,4 +1,4 @@
-"""GET /v1/models, /health, /metrics and /v1/early-exit/stats."""
+"""GET /v1/models, /v1/models/{id}, /health, /metrics and /v1/early-exit/stats."""
 
 from __future__ import annotations
 
@@ -13,17 +13,32 @@ from octomil.server.protocol import ErrorResponse, ModelCard, ModelList
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}})
-async def list_models(raw: Request) -> ModelList:
-    state = serving.get_state(raw)
+def _card(raw: Request, state: serving.ServingState) -> ModelCard:
     engine = state.engine
-    card = ModelCard(
+    return ModelCard(
         id=engine.model_id,
         created=raw.app.state.started_at,
         total_layers=engine.total_layers,
         context_length=engine.context_length,
     )
-    return ModelList(data=[card])
+
+
+@router.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}})
+async def list_models(raw: Request) -> ModelList:
+    return ModelList(data=[_card(raw, serving.get_state(raw))])
+
+
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=ModelCard,
+    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def retrieve_model(model: str, raw: Request) -> ModelCard:
+    """One model card (the SDK's ``client.models.retrieve``); another id is 404 model_not_found.
+    ``:path``: hub ids such as ``org/repo`` contain a slash."""
+    state = serving.get_state(raw)
+    serving.check_model(state, model)
+    return _card(raw, state)
 
 
 # A step decodes one token for the batch plus at most one prompt chunk: seconds, not minutes.

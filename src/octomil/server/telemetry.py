@@ -57,6 +57,7 @@ class EarlyExitTotals:
     early_exit_tokens: int = 0
     layers_used_sum: int = 0
     exit_layers: Counter[int] = field(default_factory=Counter)
+    checks_placed: tuple[int, ...] = ()  # where the default settings check; () = full depth
 
     def record_token(self, event: TokenEvent) -> None:
         self.tokens += 1
@@ -70,6 +71,8 @@ class EarlyExitTotals:
         return {
             "object": "early_exit.stats",
             "enabled": s.enabled,
+            "effective": bool(self.checks_placed),
+            "checks_after_layers": list(self.checks_placed),
             "threshold": s.threshold,
             "preset": s.preset.value if s.preset else None,
             "min_layers": s.min_layers(self.total_layers) if s.enabled else self.total_layers,
