@@ -56,6 +56,7 @@ from octomil.engine.engine import Engine
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.layer_loop import LayerLoop
 from octomil.engine.types import GenerationRequest, SamplingParams
+from octomil.models.layout_cache import cpu_name
 from octomil.models.loader import load_stock_model
 
 HERE = Path(__file__).resolve().parent
@@ -318,14 +319,7 @@ def by_category(runs: list[Run], forced: list[Forced]) -> dict:
 # --- machine info, output ------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+cpu_model = cpu_name  # one reader of /proc/cpuinfo (octomil.models.layout_cache)
 
 
 def git_commit() -> str | None:
