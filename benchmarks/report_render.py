@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 FULL, STOCK = "octomil-full", "mlx-lm-fp32"
-# Stock mlx-lm in a process where Octomil's one-row sgemv route is active (octomil.gemv_route):
+# Stock mlx-lm in a process where Octomil's few-row BLAS route is active (octomil.blas.route):
 # shows which part of Octomil's gain is that BLAS fix and which the engine's own.
 ROUTED = "mlx-lm-fp32-sgemv"
 PRESETS = ("octomil-quality", "octomil-balanced", "octomil-fast")
@@ -23,7 +23,7 @@ LABELS = {
     "octomil-balanced": "Octomil preset balanced",
     "octomil-fast": "Octomil preset fast",
     STOCK: "stock mlx-lm, same weights (fp32)",
-    ROUTED: "stock mlx-lm (fp32) + Octomil's sgemv route",
+    ROUTED: "stock mlx-lm (fp32) + Octomil's BLAS route",
     Q4: "stock mlx-lm, native 4-bit",
     LLAMA: "llama.cpp Q4_1, 2 threads",
     LLAMA1: "llama.cpp Q4_1, 1 thread",
@@ -480,9 +480,10 @@ def _micro(result: dict) -> list[str]:
         numpy calls its bundled OpenBLAS (sgemv) with 2 and with 1 thread (1 thread is the robust
         figure when another process holds a core: 2 threads wait for each other); MLX uses the
         system OpenBLAS that Octomil preloads for fp32, and its own kernel for 4-bit (group size
-        32, as Q4_1). "mlx" rows run with Octomil's few-row route (`octomil.gemv_route`: products
-        of up to 4 rows through OpenBLAS's sgemv), "mlx-sgemm" rows without it (every product
-        through sgemm, as MLX itself calls it). (out, in) is mlx-lm's weight storage, (in, out) the
+        32, as Q4_1). "mlx" rows run with Octomil's few-row route (`octomil.blas.route`, as the
+        BLAS line at the top says: products of up to 4 rows through OpenBLAS's sgemv until
+        2026-12, then the rows kernel), "mlx-sgemm" rows without it (every product through
+        sgemm, as MLX itself calls it). (out, in) is mlx-lm's weight storage, (in, out) the
         transposed one Octomil picks when faster."""),
         "",
         md_table(
@@ -516,7 +517,7 @@ def _method(result: dict) -> list[str]:
         then `dequantize_model` and `set_dtype(float32)` (fp32) or left as MLX 4-bit (native);
         `mlx_lm.generate.generate_step` (greedy, never stops on EOS), timed at each token. "Stock"
         runs with the system OpenBLAS preloaded (as the BRIEF's baseline) and
-        `OCTOMIL_NO_GEMV_ROUTE=1`; the "+ Octomil's sgemv route" row is the same code in a process
+        `OCTOMIL_NO_BLAS_ROUTE=1`; the "+ Octomil's BLAS route" row is the same code in a process
         where the route is active, to separate that BLAS fix from the rest of Octomil's engine."""),
         para("""- llama.cpp: `Llama(n_threads=N, n_threads_batch=N, n_batch=512)` with N = 2 and
         N = 1 (two processes), `reset()` before

@@ -1,0 +1,46 @@
+/*
+ * Declarations shared by the route's three translation units: route.c (which product goes where),
+ * rows.c (the few-row kernel) and pool.c (its second thread).
+ */
+#pragma once
+
+#define EXPORT __attribute__((visibility("default")))
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+/* Products of up to this many rows go to the rows kernel (measured: benchmarks/rows_bench.py). */
+enum { MAX_ROWS = 16 };
+
+/*
+ * One product for the rows kernel: c[r, j] = alpha * sum_k x[r, k] * op(b)[k, j] (+ beta * c[r, j]).
+ * Row r of x is contiguous (x + r * ldx). When weights_by_output, output j's weights are contiguous
+ * (w + j * ldw: mlx's (out, in) storage used transposed); otherwise input k's weights are
+ * (w + k * ldw: (in, out) storage).
+ */
+typedef struct {
+  int rows, n, k;
+  float alpha, beta;
+  const float *x;
+  long ldx;
+  const float *w;
+  long ldw;
+  float *c;
+  long ldc;
+  int weights_by_output;
+  int cols_per_chunk; /* the columns [i * cols_per_chunk, (i + 1) * cols_per_chunk) form chunk i */
+} rows_job;
+
+/* Chunks split the outputs at multiples of this: every kernel's blocks and one-row tiles divide it,
+ * so only the last chunk has a ragged end. */
+enum { CHUNK_COLS = 96 };
+
+typedef void (*chunk_fn)(const void *job, int chunk);
+
+/* Returns 0 when it cannot run (no memory to repack a transposed x): the caller falls back. */
+int rows_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+               const float *b, int ldb, float beta, float *c, int ldc);
+const char *rows_isa(void);
+int rows_select_isa(const char *name);
+
+/* Runs fn(job, 0 .. chunks - 1), each chunk once, on the calling thread and the pool's worker. */
+void pool_run(chunk_fn fn, const void *job, int chunks);

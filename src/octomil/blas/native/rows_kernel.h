@@ -1,0 +1,187 @@
+/*
+ * The rows kernel for one instruction set; rows.c includes this file once per instruction set
+ * after defining:
+ *   ISA                      name suffix (avx512, avx2, generic)
+ *   TARGET                   the function attribute that enables the instruction set
+ *   VF, VL                   the vector type and its number of floats
+ *   V_LOAD(p), V_STORE(p, v), V_SET1(s), V_ZERO(), V_MUL(a, b), V_ADD(a, b)
+ *   V_FMA(a, b, c), S_FMA(a, b, c)   a * b + c, both fused or both not: a lane and a scalar agree
+ *   V_HSUM(v)                the lanes summed in a fixed order
+ *   V_KEEP(v)                keeps a loaded vector in a register: a weight used by several rows is
+ *                            loaded once, not folded into each multiply-add as another load
+ *   NT_BLK                   outputs per block for (out, in) weights, walked by register tiles of
+ *   NT_JB4 .. NT_JB1         4, 3, 2 or 1 rows x this many outputs (each divides NT_BLK);
+ *   NT1_JB, NT_MAX_JB        outputs per tile for a one-row product; the largest of them
+ *   NN_BV                    vectors of outputs per block for (in, out) weights, walked by tiles of
+ *   NN_V4, NN_V2, NN_V1      4, 2 or 1 rows x this many vectors (each divides NN_BV);
+ *   NN1_JV, NN_MAX_JV        vectors per tile for a one-row product; the largest of them
+ *
+ * Batch invariance: each output element is computed by the same sequence of operations whatever
+ * tile, chunk or thread computes it, so its bits depend on its own row of x, its weights and K
+ * only, never on how many rows share the call or where the row sits:
+ *   (out, in): one vector accumulator per element, fused multiply-adds over k in steps of VL,
+ *              V_HSUM, then the K % VL remaining terms with S_FMA in order;
+ *   (in, out): one accumulator per element (a lane or a scalar), S_FMA/V_FMA over k in order.
+ * Then alpha * sum, plus beta * c when beta is not 0 (c is not read when it is).
+ */
+
+_Static_assert(CHUNK_COLS % NT_BLK == 0 && CHUNK_COLS % NT1_JB == 0, "(out, in) tiles split chunks");
+_Static_assert(CHUNK_COLS % (NN_BV * VL) == 0 && CHUNK_COLS % (NN1_JV * VL) == 0,
+               "(in, out) tiles split chunks");
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, ISA)
+#define INLINE static inline __attribute__((always_inline)) TARGET
+#define UNROLL _Pragma("GCC unroll 16")
+
+INLINE void FN(store)(const rows_job *job, int r, int j, float sum) {
+  float *c = job->c + r * job->ldc + j;
+  float out = job->alpha * sum;
+  if (job->beta != 0.0f) out = out + job->beta * *c;
+  *c = out;
+}
+
+INLINE void FN(nt_tile)(const rows_job *job, int r0, int rb, int j0, int jb) {
+  VF acc[4][NT_MAX_JB];
+  const float *x[4], *w[NT_MAX_JB];
+  UNROLL
+  for (int r = 0; r < rb; ++r) x[r] = job->x + (r0 + r) * job->ldx;
+  UNROLL
+  for (int j = 0; j < jb; ++j) w[j] = job->w + (j0 + j) * job->ldw;
+  UNROLL
+  for (int r = 0; r < rb; ++r)
+    UNROLL
+    for (int j = 0; j < jb; ++j) acc[r][j] = V_ZERO();
+  const int k = job->k, kv = k - k % VL;
+  for (int kk = 0; kk < kv; kk += VL) {
+    VF wv[NT_MAX_JB];
+    UNROLL
+    for (int j = 0; j < jb; ++j) {
+      wv[j] = V_LOAD(w[j] + kk);
+      if (rb > 1) V_KEEP(wv[j]);
+    }
+    UNROLL
+    for (int r = 0; r < rb; ++r) {
+      VF xv = V_LOAD(x[r] + kk);
+      UNROLL
+      for (int j = 0; j < jb; ++j) acc[r][j] = V_FMA(wv[j], xv, acc[r][j]);
+    }
+  }
+  UNROLL
+  for (int r = 0; r < rb; ++r)
+    UNROLL
+    for (int j = 0; j < jb; ++j) {
+      float sum = V_HSUM(acc[r][j]);
+      for (int kk = kv; kk < k; ++kk) sum = S_FMA(w[j][kk], x[r][kk], sum);
+      FN(store)(job, r0 + r, j0 + j, sum);
+    }
+}
+
+TARGET static void FN(nt_cols)(const rows_job *job, int j0, int j1) {
+  const int rows = job->rows;
+  int j = j0;
+  if (rows == 1) {
+    for (; j + NT1_JB <= j1; j += NT1_JB) FN(nt_tile)(job, 0, 1, j, NT1_JB);
+    for (; j < j1; ++j) FN(nt_tile)(job, 0, 1, j, 1);
+    return;
+  }
+  /* A block's weights stay in cache while every row passes over them, 4 rows at a time. */
+  for (; j + NT_BLK <= j1; j += NT_BLK) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4)
+      for (int t = 0; t < NT_BLK; t += NT_JB4) FN(nt_tile)(job, r, 4, j + t, NT_JB4);
+    if (rows - r == 3)
+      for (int t = 0; t < NT_BLK; t += NT_JB3) FN(nt_tile)(job, r, 3, j + t, NT_JB3);
+    else if (rows - r == 2)
+      for (int t = 0; t < NT_BLK; t += NT_JB2) FN(nt_tile)(job, r, 2, j + t, NT_JB2);
+    else if (rows - r == 1)
+      for (int t = 0; t < NT_BLK; t += NT_JB1) FN(nt_tile)(job, r, 1, j + t, NT_JB1);
+  }
+  for (; j < j1; ++j) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) FN(nt_tile)(job, r, 4, j, 1);
+    for (; r < rows; ++r) FN(nt_tile)(job, r, 1, j, 1);
+  }
+}
+
+INLINE void FN(nn_tile)(const rows_job *job, int r0, int rb, int j0, int jv) {
+  VF acc[4][NN_MAX_JV];
+  const float *x[4];
+  UNROLL
+  for (int r = 0; r < rb; ++r) x[r] = job->x + (r0 + r) * job->ldx;
+  UNROLL
+  for (int r = 0; r < rb; ++r)
+    UNROLL
+    for (int v = 0; v < jv; ++v) acc[r][v] = V_ZERO();
+  const float *wk = job->w + j0;
+  for (int kk = 0; kk < job->k; ++kk, wk += job->ldw) {
+    VF wv[NN_MAX_JV];
+    UNROLL
+    for (int v = 0; v < jv; ++v) {
+      wv[v] = V_LOAD(wk + v * VL);
+      if (rb > 1) V_KEEP(wv[v]);
+    }
+    UNROLL
+    for (int r = 0; r < rb; ++r) {
+      VF xb = V_SET1(x[r][kk]);
+      UNROLL
+      for (int v = 0; v < jv; ++v) acc[r][v] = V_FMA(xb, wv[v], acc[r][v]);
+    }
+  }
+  const VF alpha = V_SET1(job->alpha), beta = V_SET1(job->beta);
+  UNROLL
+  for (int r = 0; r < rb; ++r)
+    UNROLL
+    for (int v = 0; v < jv; ++v) {
+      float *c = job->c + (r0 + r) * job->ldc + j0 + v * VL;
+      VF out = V_MUL(alpha, acc[r][v]);
+      if (job->beta != 0.0f) out = V_ADD(out, V_MUL(beta, V_LOAD(c)));
+      V_STORE(c, out);
+    }
+}
+
+INLINE void FN(nn_col)(const rows_job *job, int r, int j) {
+  const float *x = job->x + r * job->ldx, *w = job->w + j;
+  float sum = 0.0f;
+  for (int kk = 0; kk < job->k; ++kk) sum = S_FMA(x[kk], w[kk * job->ldw], sum);
+  FN(store)(job, r, j, sum);
+}
+
+TARGET static void FN(nn_cols)(const rows_job *job, int j0, int j1) {
+  const int rows = job->rows;
+  int j = j0;
+  if (rows == 1) {
+    for (; j + NN1_JV * VL <= j1; j += NN1_JV * VL) FN(nn_tile)(job, 0, 1, j, NN1_JV);
+  } else {
+    for (; j + NN_BV * VL <= j1; j += NN_BV * VL) {
+      int r = 0;
+      for (; r + 4 <= rows; r += 4)
+        for (int t = 0; t < NN_BV; t += NN_V4) FN(nn_tile)(job, r, 4, j + t * VL, NN_V4);
+      for (; r + 2 <= rows; r += 2)
+        for (int t = 0; t < NN_BV; t += NN_V2) FN(nn_tile)(job, r, 2, j + t * VL, NN_V2);
+      if (r < rows)
+        for (int t = 0; t < NN_BV; t += NN_V1) FN(nn_tile)(job, r, 1, j + t * VL, NN_V1);
+    }
+  }
+  for (; j + VL <= j1; j += VL)
+    for (int r = 0; r < rows; ++r) FN(nn_tile)(job, r, 1, j, 1);
+  for (; j < j1; ++j)
+    for (int r = 0; r < rows; ++r) FN(nn_col)(job, r, j);
+}
+
+static void FN(run_chunk)(const void *arg, int chunk) {
+  const rows_job *job = arg;
+  const int j0 = chunk * job->cols_per_chunk;
+  const int j1 = j0 + job->cols_per_chunk < job->n ? j0 + job->cols_per_chunk : job->n;
+  if (job->weights_by_output)
+    FN(nt_cols)(job, j0, j1);
+  else
+    FN(nn_cols)(job, j0, j1);
+}
+
+#undef INLINE
+#undef UNROLL
+#undef FN
+#undef CAT
+#undef CAT_
