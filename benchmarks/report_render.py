@@ -7,6 +7,7 @@ Kept apart from the measuring code so the report can be re-rendered without re-r
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 FULL, STOCK = "octomil-full", "mlx-lm-fp32"
@@ -33,7 +34,6 @@ COLORS |= {LLAMA: "#937860", LLAMA1: "#c9a98a"}
 COLORS |= dict(zip(PRESETS, ("#55a868", "#dd8452", "#c44e52"), strict=True))
 MARKERS = dict(zip(CONFIGS, "osD^vP*Xh", strict=True))
 MB = 1e6
-REPO = str(Path(__file__).resolve().parents[1])
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -59,6 +59,11 @@ def md_table(headers: list[str], rows: list[list[str]], align: str | None = None
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _relative(text: str) -> str:
+    """Paths into the package, relative to whichever checkout made the run."""
+    return re.sub(r"/\S*/(src/octomil/)", r"\1", text)
 
 
 def present(summary: dict) -> list[str]:
@@ -189,7 +194,7 @@ def _header(result: dict) -> list[str]:
         {len(st["q4_prompt_indices"])} of them. Long-prompt prefill: one
         {st["long_prompt_tokens"]}-token prompt, {st["long_prompt_reps"]} times."""),
         *_quiet(result),
-        f"- Early exit: {result['infos'][FULL]['exit_policy'].replace(REPO + '/', '')}",
+        f"- Early exit: {_relative(result['infos'][FULL]['exit_policy'])}",
         para(f"- llama.cpp: {llama}"),
     ]
 
@@ -532,7 +537,8 @@ def _method(result: dict) -> list[str]:
     ]
 
 
-def render_markdown(result: dict, png: dict[str, str]) -> str:
+def render_markdown(result: dict, png: dict[str, str], sections: list[str] | None = None) -> str:
+    """The report; ``sections``: markdown lines of other benchmarks' sections, before the method."""
     out = _header(result)
     out += ["", "## Headline", "", _headline(result["summary"]), ""]
     out += [
@@ -550,6 +556,7 @@ def render_markdown(result: dict, png: dict[str, str]) -> str:
     gap = _gap(result)
     out += gap + [""] if gap else []
     out += _micro(result) + [""]
+    out += [*sections, ""] if sections else []
     out += _method(result)
     return "\n".join(out) + "\n"
 
@@ -562,7 +569,12 @@ def render(result: dict, json_path: Path, md_path: Path) -> None:
     plot_tok_s(result, pngs["tok_s"])
     plot_speed_vs_agreement(result, pngs["agreement"])
     rel = {k: os.path.relpath(p, md_path.parent) for k, p in pngs.items()}
-    md_path.write_text(render_markdown(result, rel))
+    from rows_render import load, report_section  # imports this module: not at the top
+
+    rows = load(json_path.with_name("rows.json"))
+    png = os.path.relpath(json_path.with_name("rows.png"), md_path.parent)
+    sections = report_section(rows, png) if rows else None
+    md_path.write_text(render_markdown(result, rel, sections))
 
 
 def print_headline(result: dict) -> None:

@@ -39,6 +39,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from rows_render import NAMES, readme_table  # noqa: E402
 
 from octomil import blas  # noqa: E402
 from octomil.blas import route  # noqa: E402
@@ -50,6 +51,7 @@ ROWS = (1, 2, 4, 8, 16, 32)
 LAYERS = (("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576))
 HEAD = ("head", 576, 49152)
 STREAM_BYTES = 96 << 20  # per shape: several times the last-level cache of the machines seen
+TIMING_S = 0.004  # products per timing: about this long (one, when a product takes longer)
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 Product = Callable[[int, int, int, int, object, object, object], None]
@@ -123,30 +125,40 @@ def time_shape(
     x = rng.standard_normal((max(rows), k), dtype=np.float32)
     c = np.empty((max(rows), n), dtype=np.float32)
     pointers = [w.ctypes.data for w in weights]
+    cursor = 0  # one cycle through the copies: each product finds its weights out of cache
+
+    def timed(run: Product, m: int, count: int) -> float:
+        nonlocal cursor
+        start = time.perf_counter()
+        for _ in range(count):
+            run(trans_b, m, n, k, x.ctypes.data, pointers[cursor], c.ctypes.data)
+            cursor = (cursor + 1) % copies
+        return (time.perf_counter() - start) / count
+
     best: dict[str, dict[int, float]] = {name: {} for name in products}
+    counts = {
+        (name, m): max(1, int(TIMING_S / timed(products[name], m, 1)))
+        for name in products
+        for m in rows
+    }
     names = list(products)
-    passes = max(1, 8 // copies)  # the head: several products per timing
     for round_ in range(rounds):
         for m in rows:
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                run = products[name]
-                run(trans_b, m, n, k, x.ctypes.data, pointers[0], c.ctypes.data)  # warm the code
-                start = time.perf_counter()
-                for _ in range(passes):
-                    for w in pointers:
-                        run(trans_b, m, n, k, x.ctypes.data, w, c.ctypes.data)
-                ms = (time.perf_counter() - start) * 1e3 / (passes * copies)
+                ms = timed(products[name], m, counts[name, m]) * 1e3
                 best[name][m] = min(best[name].get(m, float("inf")), ms)
     return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS / "rows.json")
     parser.add_argument("--no-layout-in-out", action="store_true", help="(out, in) storage only")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,8,64")
     args = parser.parse_args()
     products = variants()
+    rows = tuple(int(m) for m in args.rows.split(","))
     load_before = os.getloadavg()
     started = time.perf_counter()
     cases = [(name, k, n, "out_in") for name, k, n in (*LAYERS, HEAD)]
@@ -155,10 +167,10 @@ def main() -> None:
     results = []
     for name, k, n, layout in cases:
         trans_b = TRANS if layout == "out_in" else NO_TRANS
-        ms = time_shape(products, k, n, trans_b, ROWS, args.rounds)
+        ms = time_shape(products, k, n, trans_b, rows, args.rounds)
         results.append({"shape": name, "in": k, "out": n, "layout": layout, "ms": ms})
-        one = ms["rows"][1]
-        line = "  ".join(f"{m}:{ms['rows'][m]:.3f}({ms['rows'][m] / one:.1f}x)" for m in ROWS)
+        one = ms["rows"][rows[0]]
+        line = "  ".join(f"{m}:{ms['rows'][m]:.3f}({ms['rows'][m] / one:.1f}x)" for m in rows)
         print(f"{name:8s} {k}x{n} {layout}: rows kernel {line}", flush=True)
     record = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -176,14 +188,17 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "rounds": args.rounds,
         "stream_bytes": STREAM_BYTES,
-        "rows": list(ROWS),
+        "rows": list(rows),
         "variants": list(products),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
+    record = json.loads(args.out.read_text())  # row counts as JSON keys, as the renderers read them
     _plot(record, args.out.with_suffix(".png"))
     print(f"wrote {args.out} ({record['seconds']} s, load {load_before[0]:.2f})")
+    if {"1", "8"} <= set(record["results"][0]["ms"]["rows"]):
+        print(readme_table(record))
 
 
 def _cpu_name() -> str:
@@ -204,8 +219,7 @@ def _plot(record: dict, path: Path) -> None:
     for ax, result in zip(axes.flat, results, strict=False):
         for name in record["variants"]:
             series = result["ms"][name]
-            rows = [int(m) for m in series]
-            ax.plot(rows, [series[m] for m in series], marker="o", label=name)
+            ax.plot([int(m) for m in series], list(series.values()), marker="o", label=NAMES[name])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{result['shape']} {result['in']}x{result['out']} ({result['layout']})")

@@ -76,7 +76,7 @@ def test_routed_products_match_numpy(isa, trans_a, trans_b):
     rng = np.random.default_rng(7)
     for k, n in SHAPES:
         for rows in range(1, route.max_rows() + 2):
-            for alpha, beta in ((1.0, 0.0), (0.75, 1.5), (-2.0, 1.0)):
+            for alpha, beta in ((1.0, 0.0), (-0.75, 1.5)):
                 got, want, (padding, before) = _product(
                     rng, rows, k, n, trans_a, trans_b, alpha, beta
                 )

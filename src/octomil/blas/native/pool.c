@@ -4,8 +4,9 @@
  *
  * Chunks are claimed from one atomic ticket, so a worker that wakes late (or not at all: a busy
  * machine) only means the caller claims more of them; results never depend on who ran a chunk. The
- * worker spins briefly after each product, since a decode step issues its products tens of
- * microseconds apart, then sleeps on a futex so an idle server costs no CPU. A second caller while
+ * worker polls (yielding its core to any other runnable thread) for a while after each product,
+ * since a decode step issues its products tens of microseconds apart, then sleeps on a futex so
+ * an idle server costs no CPU. A second caller while
  * a product is in flight, or a failed thread start, runs its chunks alone. The worker is restarted
  * lazily after fork().
  */
@@ -78,7 +79,7 @@ static int claim(unsigned long long *gen) {
 static void *worker(void *unused) {
   (void)unused;
   long long idle_since = now_ns();
-  for (unsigned spins = 0;; ++spins) {
+  for (;;) {
     unsigned seen = atomic_load(&wake_word);
     unsigned long long gen = ~0ULL;
     int chunk = claim(&gen);
@@ -93,8 +94,10 @@ static void *worker(void *unused) {
       idle_since = now_ns();
       continue;
     }
-    CPU_RELAX();
-    if (spins % 64 || now_ns() - idle_since < SPIN_NS) continue;
+    /* Yield rather than pause: the engine's Python thread builds the next layer's graph on
+     * these two cores while the products run, and must not wait for an idle spinner. */
+    sched_yield();
+    if (now_ns() - idle_since < SPIN_NS) continue;
     atomic_store(&worker_sleeping, 1);
     if (atomic_load(&wake_word) == seen) futex(&wake_word, FUTEX_WAIT, seen);
     atomic_store(&worker_sleeping, 0);

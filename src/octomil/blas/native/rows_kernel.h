@@ -13,7 +13,7 @@
  *   NT_JB4 .. NT_JB1         4, 3, 2 or 1 rows x this many outputs (each divides NT_BLK);
  *   NT1_JB, NT_MAX_JB        outputs per tile for a one-row product; the largest of them
  *   NN_BV                    vectors of outputs per block for (in, out) weights, walked by tiles of
- *   NN_V4, NN_V2, NN_V1      4, 2 or 1 rows x this many vectors (each divides NN_BV);
+ *   NN_V4, NN_V2, NN_V1      4 (and 3), 2 or 1 rows x this many vectors (each divides NN_BV);
  *   NN1_JV, NN_MAX_JV        vectors per tile for a one-row product; the largest of them
  *
  * Batch invariance: each output element is computed by the same sequence of operations whatever
@@ -42,7 +42,7 @@ INLINE void FN(store)(const rows_job *job, int r, int j, float sum) {
   *c = out;
 }
 
-INLINE void FN(nt_tile)(const rows_job *job, int r0, int rb, int j0, int jb) {
+INLINE void FN(nt_tile)(const rows_job *job, int r0, int rb, int j0, int jb, long ahead) {
   VF acc[4][NT_MAX_JB];
   const float *x[4], *w[NT_MAX_JB];
   UNROLL
@@ -60,6 +60,7 @@ INLINE void FN(nt_tile)(const rows_job *job, int r0, int rb, int j0, int jb) {
     for (int j = 0; j < jb; ++j) {
       wv[j] = V_LOAD(w[j] + kk);
       if (rb > 1) V_KEEP(wv[j]);
+      if (ahead) __builtin_prefetch(w[j] + ahead + kk);
     }
     UNROLL
     for (int r = 0; r < rb; ++r) {
@@ -82,26 +83,31 @@ TARGET static void FN(nt_cols)(const rows_job *job, int j0, int j1) {
   const int rows = job->rows;
   int j = j0;
   if (rows == 1) {
-    for (; j + NT1_JB <= j1; j += NT1_JB) FN(nt_tile)(job, 0, 1, j, NT1_JB);
-    for (; j < j1; ++j) FN(nt_tile)(job, 0, 1, j, 1);
+    for (; j + NT1_JB <= j1; j += NT1_JB) FN(nt_tile)(job, 0, 1, j, NT1_JB, 0);
+    for (; j + 4 <= j1; j += 4) FN(nt_tile)(job, 0, 1, j, 4, 0);
+    for (; j < j1; ++j) FN(nt_tile)(job, 0, 1, j, 1, 0);
     return;
   }
-  /* A block's weights stay in cache while every row passes over them, 4 rows at a time. */
+  /* A block's weights stay in cache while every row passes over them, 4 rows at a time; the next
+   * block's are fetched from memory during the first pass (for one row the hardware's stream
+   * prefetch does as well). */
+  const long next = NT_BLK * job->ldw;
   for (; j + NT_BLK <= j1; j += NT_BLK) {
     int r = 0;
-    for (; r + 4 <= rows; r += 4)
-      for (int t = 0; t < NT_BLK; t += NT_JB4) FN(nt_tile)(job, r, 4, j + t, NT_JB4);
+    long ahead = next;
+    for (; r + 4 <= rows; r += 4, ahead = 0)
+      for (int t = 0; t < NT_BLK; t += NT_JB4) FN(nt_tile)(job, r, 4, j + t, NT_JB4, ahead);
     if (rows - r == 3)
-      for (int t = 0; t < NT_BLK; t += NT_JB3) FN(nt_tile)(job, r, 3, j + t, NT_JB3);
+      for (int t = 0; t < NT_BLK; t += NT_JB3) FN(nt_tile)(job, r, 3, j + t, NT_JB3, ahead);
     else if (rows - r == 2)
-      for (int t = 0; t < NT_BLK; t += NT_JB2) FN(nt_tile)(job, r, 2, j + t, NT_JB2);
+      for (int t = 0; t < NT_BLK; t += NT_JB2) FN(nt_tile)(job, r, 2, j + t, NT_JB2, ahead);
     else if (rows - r == 1)
-      for (int t = 0; t < NT_BLK; t += NT_JB1) FN(nt_tile)(job, r, 1, j + t, NT_JB1);
+      for (int t = 0; t < NT_BLK; t += NT_JB1) FN(nt_tile)(job, r, 1, j + t, NT_JB1, ahead);
   }
   for (; j < j1; ++j) {
     int r = 0;
-    for (; r + 4 <= rows; r += 4) FN(nt_tile)(job, r, 4, j, 1);
-    for (; r < rows; ++r) FN(nt_tile)(job, r, 1, j, 1);
+    for (; r + 4 <= rows; r += 4) FN(nt_tile)(job, r, 4, j, 1, 0);
+    for (; r < rows; ++r) FN(nt_tile)(job, r, 1, j, 1, 0);
   }
 }
 
@@ -151,16 +157,19 @@ INLINE void FN(nn_col)(const rows_job *job, int r, int j) {
 TARGET static void FN(nn_cols)(const rows_job *job, int j0, int j1) {
   const int rows = job->rows;
   int j = j0;
-  if (rows == 1) {
+  if (rows == 1) { /* narrower tiles for the rest: attention's products are 64-128 wide */
     for (; j + NN1_JV * VL <= j1; j += NN1_JV * VL) FN(nn_tile)(job, 0, 1, j, NN1_JV);
+    for (; j + 4 * VL <= j1; j += 4 * VL) FN(nn_tile)(job, 0, 1, j, 4);
   } else {
     for (; j + NN_BV * VL <= j1; j += NN_BV * VL) {
       int r = 0;
       for (; r + 4 <= rows; r += 4)
         for (int t = 0; t < NN_BV; t += NN_V4) FN(nn_tile)(job, r, 4, j + t * VL, NN_V4);
-      for (; r + 2 <= rows; r += 2)
+      if (rows - r == 3)
+        for (int t = 0; t < NN_BV; t += NN_V4) FN(nn_tile)(job, r, 3, j + t * VL, NN_V4);
+      else if (rows - r == 2)
         for (int t = 0; t < NN_BV; t += NN_V2) FN(nn_tile)(job, r, 2, j + t * VL, NN_V2);
-      if (r < rows)
+      else if (rows - r == 1)
         for (int t = 0; t < NN_BV; t += NN_V1) FN(nn_tile)(job, r, 1, j + t * VL, NN_V1);
     }
   }
