@@ -51,10 +51,13 @@ __attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
 #define NT_MAX_JB 8
 #define NN_BV 6
 #define NN_V4 3
+#define NN_D4 3
 #define NN_V2 3
 #define NN_V1 6
 #define NN1_JV 6
 #define NN_MAX_JV 6
+#define NN_PACK_ROWS 8
+#define NN_KB 64
 
 TARGET static inline float hsum_avx512(__m512 v) {
   __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v),
@@ -87,10 +90,13 @@ TARGET static inline float hsum_avx512(__m512 v) {
 #undef NT_MAX_JB
 #undef NN_BV
 #undef NN_V4
+#undef NN_D4
 #undef NN_V2
 #undef NN_V1
 #undef NN1_JV
 #undef NN_MAX_JV
+#undef NN_PACK_ROWS
+#undef NN_KB
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------- */
 #define ISA avx2
@@ -116,10 +122,13 @@ TARGET static inline float hsum_avx512(__m512 v) {
 #define NT_MAX_JB 8
 #define NN_BV 6
 #define NN_V4 3
+#define NN_D4 2
 #define NN_V2 3
 #define NN_V1 6
 #define NN1_JV 12
 #define NN_MAX_JV 12
+#define NN_PACK_ROWS 8
+#define NN_KB 64
 
 #include "rows_kernel.h"
 
@@ -146,10 +155,13 @@ TARGET static inline float hsum_avx512(__m512 v) {
 #undef NT_MAX_JB
 #undef NN_BV
 #undef NN_V4
+#undef NN_D4
 #undef NN_V2
 #undef NN_V1
 #undef NN1_JV
 #undef NN_MAX_JV
+#undef NN_PACK_ROWS
+#undef NN_KB
 #endif /* __x86_64__ */
 
 /* ---- Plain 4-float vectors (SSE2, NEON), not fused: the file is built with -ffp-contract=off -- */
@@ -186,10 +198,13 @@ static inline void store_v4f(float *p, v4f v) { __builtin_memcpy(p, &v, sizeof v
 #define NT_MAX_JB 4
 #define NN_BV 4
 #define NN_V4 2
+#define NN_D4 2
 #define NN_V2 2
 #define NN_V1 4
 #define NN1_JV 4
 #define NN_MAX_JV 4
+#define NN_PACK_ROWS 8
+#define NN_KB 64
 
 #include "rows_kernel.h"
 

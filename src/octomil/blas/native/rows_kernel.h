@@ -13,15 +13,19 @@
  *   NT_JB4 .. NT_JB1         4, 3, 2 or 1 rows x this many outputs (each divides NT_BLK);
  *   NT1_JB, NT_MAX_JB        outputs per tile for a one-row product; the largest of them
  *   NN_BV                    vectors of outputs per block for (in, out) weights, walked by tiles of
- *   NN_V4, NN_V2, NN_V1      4 (and 3), 2 or 1 rows x this many vectors (each divides NN_BV);
+ *   NN_V4, NN_V2, NN_V1      4, 2 or 1 rows x this many vectors (each divides NN_BV), and
+ *   NN_D4                    for 4 or 3 rows read in place (fewer registers free than packed);
  *   NN1_JV, NN_MAX_JV        vectors per tile for a one-row product; the largest of them
+ *   NN_PACK_ROWS, NN_KB      from this many rows, blocks of NN_KB inputs are packed (nn_packed)
  *
  * Batch invariance: each output element is computed by the same sequence of operations whatever
  * tile, chunk or thread computes it, so its bits depend on its own row of x, its weights and K
  * only, never on how many rows share the call or where the row sits:
  *   (out, in): one vector accumulator per element, fused multiply-adds over k in steps of VL,
  *              V_HSUM, then the K % VL remaining terms with S_FMA in order;
- *   (in, out): one accumulator per element (a lane or a scalar), S_FMA/V_FMA over k in order.
+ *   (in, out): one accumulator per element (a lane or a scalar), S_FMA/V_FMA over k in order
+ *              (packed blocks park the sums in memory between blocks: a store and load do not
+ *              round).
  * Then alpha * sum, plus beta * c when beta is not 0 (c is not read when it is).
  */
 
@@ -111,7 +115,11 @@ TARGET static void FN(nt_cols)(const rows_job *job, int j0, int j1) {
   }
 }
 
-INLINE void FN(nn_tile)(const rows_job *job, int r0, int rb, int j0, int jv) {
+/* Rows r0.. (rb of them) x jv vectors of outputs from j0, over k in [k0, k1); w points at
+ * (k0, j0) of weights with row stride ldw (the matrix itself, or a packed copy of a block). The
+ * sums start from 0 at k0 = 0, else from part; they go to part when given, else to c. */
+INLINE void FN(nn_tile)(const rows_job *job, int r0, int rb, int j0, int jv, const float *w,
+                        long ldw, int k0, int k1, float *part, long ldp) {
   VF acc[4][NN_MAX_JV];
   const float *x[4];
   UNROLL
@@ -119,13 +127,12 @@ INLINE void FN(nn_tile)(const rows_job *job, int r0, int rb, int j0, int jv) {
   UNROLL
   for (int r = 0; r < rb; ++r)
     UNROLL
-    for (int v = 0; v < jv; ++v) acc[r][v] = V_ZERO();
-  const float *wk = job->w + j0;
-  for (int kk = 0; kk < job->k; ++kk, wk += job->ldw) {
+    for (int v = 0; v < jv; ++v) acc[r][v] = k0 ? V_LOAD(part + r * ldp + v * VL) : V_ZERO();
+  for (int kk = k0; kk < k1; ++kk, w += ldw) {
     VF wv[NN_MAX_JV];
     UNROLL
     for (int v = 0; v < jv; ++v) {
-      wv[v] = V_LOAD(wk + v * VL);
+      wv[v] = V_LOAD(w + v * VL);
       if (rb > 1) V_KEEP(wv[v]);
     }
     UNROLL
@@ -140,8 +147,49 @@ INLINE void FN(nn_tile)(const rows_job *job, int r0, int rb, int j0, int jv) {
   for (int r = 0; r < rb; ++r)
     UNROLL
     for (int v = 0; v < jv; ++v) {
+      if (part) {
+        V_STORE(part + r * ldp + v * VL, acc[r][v]);
+        continue;
+      }
       float *c = job->c + (r0 + r) * job->ldc + j0 + v * VL;
       VF out = V_MUL(alpha, acc[r][v]);
+      if (job->beta != 0.0f) out = V_ADD(out, V_MUL(beta, V_LOAD(c)));
+      V_STORE(c, out);
+    }
+}
+
+/* One tile straight from the weights, over all of k, into c. */
+INLINE void FN(nn_direct)(const rows_job *job, int r0, int rb, int j0, int jv) {
+  FN(nn_tile)(job, r0, rb, j0, jv, job->w + j0, job->ldw, 0, job->k, 0, 0);
+}
+
+/* Many rows: each block of weights (NN_KB inputs x NN_BV vectors of outputs) is copied into a
+ * contiguous buffer that stays in L1 while every row passes over it (read in place, the rows of
+ * a block sit a power-of-two-ish stride apart and evict each other); the sums wait in part[]
+ * between blocks, so each output is still summed over k in order, exactly as by nn_direct. */
+TARGET static void FN(nn_packed)(const rows_job *job, int j, int r0, int r1) {
+  enum { BW = NN_BV * VL };
+  float packed[NN_KB * BW] __attribute__((aligned(64)));
+  float part[MAX_ROWS * BW] __attribute__((aligned(64)));
+  for (int k0 = 0; k0 < job->k; k0 += NN_KB) {
+    const int k1 = k0 + NN_KB < job->k ? k0 + NN_KB : job->k;
+    for (int kk = k0; kk < k1; ++kk)
+      __builtin_memcpy(packed + (kk - k0) * BW, job->w + kk * job->ldw + j, sizeof(float) * BW);
+    int r = r0;
+    for (; r + 4 <= r1; r += 4)
+      for (int t = 0; t < NN_BV; t += NN_V4)
+        FN(nn_tile)(job, r, 4, j + t * VL, NN_V4, packed + t * VL, BW, k0, k1,
+                    part + (r - r0) * BW + t * VL, BW);
+    for (; r < r1; ++r)
+      for (int t = 0; t < NN_BV; t += NN_V1)
+        FN(nn_tile)(job, r, 1, j + t * VL, NN_V1, packed + t * VL, BW, k0, k1,
+                    part + (r - r0) * BW + t * VL, BW);
+  }
+  const VF alpha = V_SET1(job->alpha), beta = V_SET1(job->beta);
+  for (int r = r0; r < r1; ++r)
+    for (int v = 0; v < NN_BV; ++v) {
+      float *c = job->c + r * job->ldc + j + v * VL;
+      VF out = V_MUL(alpha, V_LOAD(part + (r - r0) * BW + v * VL));
       if (job->beta != 0.0f) out = V_ADD(out, V_MUL(beta, V_LOAD(c)));
       V_STORE(c, out);
     }
@@ -158,23 +206,27 @@ TARGET static void FN(nn_cols)(const rows_job *job, int j0, int j1) {
   const int rows = job->rows;
   int j = j0;
   if (rows == 1) { /* narrower tiles for the rest: attention's products are 64-128 wide */
-    for (; j + NN1_JV * VL <= j1; j += NN1_JV * VL) FN(nn_tile)(job, 0, 1, j, NN1_JV);
-    for (; j + 4 * VL <= j1; j += 4 * VL) FN(nn_tile)(job, 0, 1, j, 4);
+    for (; j + NN1_JV * VL <= j1; j += NN1_JV * VL) FN(nn_direct)(job, 0, 1, j, NN1_JV);
+    for (; j + 4 * VL <= j1; j += 4 * VL) FN(nn_direct)(job, 0, 1, j, 4);
+  } else if (rows >= NN_PACK_ROWS) {
+    for (; j + NN_BV * VL <= j1; j += NN_BV * VL)
+      for (int r = 0; r < rows; r += MAX_ROWS)
+        FN(nn_packed)(job, j, r, r + MAX_ROWS < rows ? r + MAX_ROWS : rows);
   } else {
     for (; j + NN_BV * VL <= j1; j += NN_BV * VL) {
       int r = 0;
       for (; r + 4 <= rows; r += 4)
-        for (int t = 0; t < NN_BV; t += NN_V4) FN(nn_tile)(job, r, 4, j + t * VL, NN_V4);
+        for (int t = 0; t < NN_BV; t += NN_D4) FN(nn_direct)(job, r, 4, j + t * VL, NN_D4);
       if (rows - r == 3)
-        for (int t = 0; t < NN_BV; t += NN_V4) FN(nn_tile)(job, r, 3, j + t * VL, NN_V4);
+        for (int t = 0; t < NN_BV; t += NN_D4) FN(nn_direct)(job, r, 3, j + t * VL, NN_D4);
       else if (rows - r == 2)
-        for (int t = 0; t < NN_BV; t += NN_V2) FN(nn_tile)(job, r, 2, j + t * VL, NN_V2);
+        for (int t = 0; t < NN_BV; t += NN_V2) FN(nn_direct)(job, r, 2, j + t * VL, NN_V2);
       else if (rows - r == 1)
-        for (int t = 0; t < NN_BV; t += NN_V1) FN(nn_tile)(job, r, 1, j + t * VL, NN_V1);
+        for (int t = 0; t < NN_BV; t += NN_V1) FN(nn_direct)(job, r, 1, j + t * VL, NN_V1);
     }
   }
   for (; j + VL <= j1; j += VL)
-    for (int r = 0; r < rows; ++r) FN(nn_tile)(job, r, 1, j, 1);
+    for (int r = 0; r < rows; ++r) FN(nn_direct)(job, r, 1, j, 1);
   for (; j < j1; ++j)
     for (int r = 0; r < rows; ++r) FN(nn_col)(job, r, j);
 }
