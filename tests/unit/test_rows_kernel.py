@@ -3,6 +3,7 @@ strides, alpha and beta, 1 to max_rows() + 1 rows, one column, with every instru
 CPU has. Called directly (ctypes, numpy buffers), so strides MLX never produces are covered too."""
 
 import ctypes
+import os
 import sys
 
 import numpy as np
@@ -116,3 +117,16 @@ def test_every_instruction_set_gives_each_row_its_own_bits(isa):
             assert np.array_equal(product(x[:size]), alone[:size]), (isa, trans_b, size)
             backwards = np.ascontiguousarray(x[:size][::-1])
             assert np.array_equal(product(backwards), alone[:size][::-1]), (isa, trans_b, size)
+
+
+def test_a_forked_child_computes_without_the_parents_worker():
+    # A fork()ed child has no copy of the worker thread: its products must neither wait for it
+    # nor come out wrong (uvicorn and multiprocessing fork after the route has run).
+    rng = np.random.default_rng(10)
+    _product(rng, 8, 576, 1536, False, True, 1.0, 0.0)  # the parent's worker is running
+    pid = os.fork()
+    if pid == 0:
+        got, want, _ = _product(rng, 8, 576, 1536, False, True, 1.0, 0.0)
+        os._exit(0 if np.allclose(got, want, rtol=1e-5, atol=2e-4) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -3,11 +3,11 @@
  * thread reads about half the weights).
  *
  * Chunks are claimed from one atomic ticket, so a worker that wakes late (or not at all: a busy
- * machine) only means the caller claims more of them; results never depend on who ran a chunk. The
- * worker polls (yielding its core to any other runnable thread) for a while after each product,
- * since a decode step issues its products tens of microseconds apart, then sleeps on a futex so
- * an idle server costs no CPU. A second caller while
- * a product is in flight, or a failed thread start, runs its chunks alone. The worker is restarted
+ * machine) only means the caller claims more of them; results never depend on who ran a chunk.
+ * The worker polls (yielding its core to any other runnable thread) for a while after each
+ * product, since a decode step issues its products tens of microseconds apart, then sleeps on a
+ * futex so an idle server costs no CPU. A second caller while a product is in flight, a failed
+ * thread start, or a process limited to one CPU runs its chunks alone. The worker is restarted
  * lazily after fork().
  */
 
@@ -112,8 +112,15 @@ static void forget_worker(void) { /* in a fork()ed child: the worker thread was 
   atomic_store(&worker_sleeping, 0);
 }
 
+/* CPUs this process may run on (taskset, container cpusets): with one, a worker only competes. */
+static int usable_cpus(void) {
+  cpu_set_t set;
+  return sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 2;
+}
+
 static int start_worker(void) {
   static int registered;
+  if (worker_state == 0 && usable_cpus() < 2) worker_state = -1;
   if (worker_state == 0) {
     pthread_t thread;
     pthread_attr_t attr;
