@@ -34,8 +34,9 @@ typedef struct {
 } rows_job;
 
 /* Chunks split the outputs at multiples of this: every kernel's blocks and one-row tiles divide it,
- * so only the last chunk has a ragged end. */
-enum { CHUNK_COLS = 96 };
+ * so only the last chunk has a ragged end. A one-row product with (in, out) weights sums at most
+ * NN_STREAM_COLS outputs per pass down the weights. */
+enum { CHUNK_COLS = 96, NN_STREAM_COLS = 384 };
 
 typedef void (*chunk_fn)(const void *job, int chunk);
 

@@ -278,7 +278,9 @@ int rows_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const
   }
   int chunks = 1;
   if ((long)m * n * k >= PARALLEL_MIN_WORK) {
-    int cols = (n + CHUNKS - 1) / CHUNKS;
+    /* (in, out) weights and one row: fewer, wider chunks, so each pass reads longer runs. */
+    const int split = m == 1 && trans_b == NO_TRANS ? 4 : CHUNKS;
+    int cols = (n + split - 1) / split;
     job.cols_per_chunk = (cols + CHUNK_ALIGN - 1) / CHUNK_ALIGN * CHUNK_ALIGN;
     chunks = (n + job.cols_per_chunk - 1) / job.cols_per_chunk;
   }

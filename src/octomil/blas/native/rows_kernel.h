@@ -202,10 +202,47 @@ INLINE void FN(nn_col)(const rows_job *job, int r, int j) {
   FN(store)(job, r, j, sum);
 }
 
+/* One row, width <= NN_STREAM_COLS outputs: the weights read row by row, long contiguous runs as
+ * they lie in memory (register tiles would walk down narrow columns), the sums in L1. */
+TARGET static void FN(nn_stream)(const rows_job *job, int j0, int width) {
+  VF part[NN_STREAM_COLS / VL];
+  const int nv = width / VL;
+  const float *x = job->x;
+  const float *w = job->w + j0;
+  for (int v = 0; v < nv; ++v) part[v] = V_ZERO();
+  const long ldw = job->ldw;
+  int kk = 0;
+  for (; kk + 4 <= job->k; kk += 4, w += 4 * ldw) { /* four rows per pass over the sums */
+    const VF x0 = V_SET1(x[kk]), x1 = V_SET1(x[kk + 1]);
+    const VF x2 = V_SET1(x[kk + 2]), x3 = V_SET1(x[kk + 3]);
+    for (int v = 0; v < nv; ++v) {
+      VF sum = V_FMA(x0, V_LOAD(w + v * VL), part[v]);
+      sum = V_FMA(x1, V_LOAD(w + ldw + v * VL), sum);
+      sum = V_FMA(x2, V_LOAD(w + 2 * ldw + v * VL), sum);
+      part[v] = V_FMA(x3, V_LOAD(w + 3 * ldw + v * VL), sum);
+    }
+  }
+  for (; kk < job->k; ++kk, w += ldw) {
+    const VF xb = V_SET1(x[kk]);
+    for (int v = 0; v < nv; ++v) part[v] = V_FMA(xb, V_LOAD(w + v * VL), part[v]);
+  }
+  const VF alpha = V_SET1(job->alpha), beta = V_SET1(job->beta);
+  for (int v = 0; v < nv; ++v) {
+    float *c = job->c + j0 + v * VL;
+    VF out = V_MUL(alpha, part[v]);
+    if (job->beta != 0.0f) out = V_ADD(out, V_MUL(beta, V_LOAD(c)));
+    V_STORE(c, out);
+  }
+}
+
 TARGET static void FN(nn_cols)(const rows_job *job, int j0, int j1) {
   const int rows = job->rows;
   int j = j0;
-  if (rows == 1) { /* narrower tiles for the rest: attention's products are 64-128 wide */
+  if (rows == 1) { /* register tiles for narrow products (attention's are 64-128 wide) */
+    if (j1 - j >= 2 * NN1_JV * VL)
+      for (int width; (width = (j1 - j < NN_STREAM_COLS ? j1 - j : NN_STREAM_COLS) / VL * VL) > 0;
+           j += width)
+        FN(nn_stream)(job, j, width);
     for (; j + NN1_JV * VL <= j1; j += NN1_JV * VL) FN(nn_direct)(job, 0, 1, j, NN1_JV);
     for (; j + 4 * VL <= j1; j += 4 * VL) FN(nn_direct)(job, 0, 1, j, 4);
   } else if (rows >= NN_PACK_ROWS) {
