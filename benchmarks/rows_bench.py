@@ -12,9 +12,10 @@ times one product of 1, 2, 4, 8, 16 and 32 rows through:
 - ``blis``: BLIS's sgemm (Debian ``libblis4-pthread``), when installed, 2 threads, loaded with
   ``RTLD_DEEPBIND`` so its internal calls do not resolve to the preloaded OpenBLAS.
 
-Weights are streamed from memory, as in decoding (the model is 538 MB): each timed pass cycles
-through enough copies of the matrix to exceed the last-level cache. Variants are interleaved
-within each round (start rotated per round), best of ``--rounds``; the load average is recorded.
+Weights are streamed from memory, as in decoding (the model is 538 MB): the products cycle
+through enough copies of the matrix to exceed the last-level cache. Variants are interleaved in a
+random order within each round, each woken by two untimed products before its timing, best of
+``--rounds``; the load average is recorded.
 Writes ``results/rows.json`` and ``results/rows.png``. Bounded: ~1-2 min on 2 cores.
 
     .venv/bin/python benchmarks/rows_bench.py
@@ -141,10 +142,13 @@ def time_shape(
         for name in products
         for m in rows
     }
-    names = list(products)
-    for round_ in range(rounds):
+    order = np.random.default_rng(1)
+    for _ in range(rounds):
         for m in rows:
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            # A random order: another library's thread pool still spinning after its call slows
+            # whatever runs next, so no variant may always follow the same one.
+            for name in order.permutation(list(products)):
+                timed(products[name], m, 2)  # wakes this variant's threads
                 ms = timed(products[name], m, counts[name, m]) * 1e3
                 best[name][m] = min(best[name].get(m, float("inf")), ms)
     return best

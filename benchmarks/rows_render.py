@@ -56,13 +56,14 @@ def report_section(record: dict, png: str) -> list[str]:
         {machine["cpu"]} ({machine["cores"]} cores, {record["date"]}, 1-minute load
         {load[0]:.1f} before and {load[1]:.1f} after, {record["seconds"]} s). Milliseconds per
         product of R rows with the embedded model's shapes, weights streamed from memory as in
-        decoding (each timing cycles through copies of the matrix larger than the cache), best of
-        {record["rounds"]} interleaved rounds. The rows kernel ({machine["isa"]}) is what
-        `octomil.blas` routes products of up to {machine["max_rows"]} rows to; "one sgemv per
-        row" was the route before it; OpenBLAS's sgemm is what MLX calls without the route; BLIS
-        (Debian `libblis4-pthread`, 2 threads) for the record. Neither sgemm is used for few rows:
-        both choose blocking and summation order by the row count, so a row's result would change
-        with the batch around it, and OpenBLAS's packs the whole matrix even for one row."""),
+        decoding (each timing cycles through copies of the matrix that together exceed the
+        cache), best of {record["rounds"]} interleaved rounds. The rows kernel
+        ({machine["isa"]}) is what `octomil.blas` routes products of up to
+        {machine["max_rows"]} rows to; "one sgemv per row" was the route before it; OpenBLAS's
+        sgemm is what MLX calls without the route; BLIS (Debian `libblis4-pthread`, 2 threads)
+        for the record. Neither sgemm is used for few rows: both choose blocking and summation
+        order by the row count, so a row's result would change with the batch around it, and
+        OpenBLAS's packs the whole matrix even for one row."""),
         "",
     ]
     rows = [str(m) for m in record["rows"]]
