@@ -260,8 +260,8 @@ int rows_select_isa(const char *name) {
   return 0;
 }
 
-/* Below this many multiply-adds a second thread costs more than it saves (attention's per-head
- * products, the smallest projections); splitting never changes a result. */
+/* Below this many multiply-adds (attention's per-head products) the product stays on the calling
+ * thread: waking the worker would cost more than it saves. Splitting never changes a result. */
 enum { PARALLEL_MIN_WORK = 1 << 16, CHUNKS = 16, CHUNK_ALIGN = CHUNK_COLS };
 
 int rows_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
