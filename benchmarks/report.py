@@ -209,7 +209,7 @@ def start_worker(
         argv += ["--gguf", gguf]
     if exit_policy is not None and config in (FULL, *PRESETS):
         argv += ["--exit-policy", exit_policy]
-    env = os.environ | {"OCTOMIL_NO_GEMV_ROUTE": "1"} if config in UNROUTED_CONFIGS else None
+    env = os.environ | {"OCTOMIL_NO_BLAS_ROUTE": "1"} if config in UNROUTED_CONFIGS else None
     return Worker(config, argv, log_dir, env)
 
 
@@ -482,9 +482,9 @@ def run_all(args: argparse.Namespace, llama: dict, log_dir: Path, gate: QuietGat
 
     mlx_routed = mlx_micro("micro-benchmark", "mlx-micro")
     # The same fp32 products with Octomil's few-row route off: MLX's own sgemm dispatch.
-    no_route = os.environ | {"OCTOMIL_NO_GEMV_ROUTE": "1"}
+    no_route = os.environ | {"OCTOMIL_NO_BLAS_ROUTE": "1"}
     mlx_sgemm = mlx_micro(
-        "micro-benchmark without the sgemv route", "mlx-micro-sgemm", no_route, fp32_only=True
+        "micro-benchmark without the BLAS route", "mlx-micro-sgemm", no_route, fp32_only=True
     )
     gate.wait("numpy micro-benchmark")
     numpy_part = numpy_micro_threads(dims, layers, rounds, threads=(2, 1))
@@ -583,7 +583,7 @@ def micro_summary(micro: dict, bandwidth_gb_s: float) -> dict:
     """Milliseconds per token of the products alone, GFLOP/s and GB/s, per backend/variant."""
     rows = {}
     for backend in ("mlx", "mlx-sgemm", "numpy"):
-        if backend not in micro:  # reports made before the sgemv route
+        if backend not in micro:  # reports made before the BLAS route
             continue
         m = micro[backend]
         for variant, v in m["variants"].items():

@@ -7,12 +7,13 @@ Kept apart from the measuring code so the report can be re-rendered without re-r
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from serve_render import kept_section
 
 FULL, STOCK = "octomil-full", "mlx-lm-fp32"
-# Stock mlx-lm in a process where Octomil's one-row sgemv route is active (octomil.gemv_route):
+# Stock mlx-lm in a process where Octomil's few-row BLAS route is active (octomil.blas.route):
 # shows which part of Octomil's gain is that BLAS fix and which the engine's own.
 ROUTED = "mlx-lm-fp32-sgemv"
 PRESETS = ("octomil-quality", "octomil-balanced", "octomil-fast")
@@ -25,7 +26,7 @@ LABELS = {
     "octomil-balanced": "Octomil preset balanced",
     "octomil-fast": "Octomil preset fast",
     STOCK: "stock mlx-lm, same weights (fp32)",
-    ROUTED: "stock mlx-lm (fp32) + Octomil's sgemv route",
+    ROUTED: "stock mlx-lm (fp32) + Octomil's BLAS route",
     Q4: "stock mlx-lm, native 4-bit",
     LLAMA: "llama.cpp Q4_1, 2 threads",
     LLAMA1: "llama.cpp Q4_1, 1 thread",
@@ -35,7 +36,6 @@ COLORS |= {LLAMA: "#937860", LLAMA1: "#c9a98a"}
 COLORS |= dict(zip(PRESETS, ("#55a868", "#dd8452", "#c44e52"), strict=True))
 MARKERS = dict(zip(CONFIGS, "osD^vP*Xh", strict=True))
 MB = 1e6
-REPO = str(Path(__file__).resolve().parents[1])
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -61,6 +61,11 @@ def md_table(headers: list[str], rows: list[list[str]], align: str | None = None
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _relative(text: str) -> str:
+    """Paths into the package, relative to whichever checkout made the run."""
+    return re.sub(r"/\S*/(src/octomil/)", r"\1", text)
 
 
 def present(summary: dict) -> list[str]:
@@ -191,7 +196,7 @@ def _header(result: dict) -> list[str]:
         {len(st["q4_prompt_indices"])} of them. Long-prompt prefill: one
         {st["long_prompt_tokens"]}-token prompt, {st["long_prompt_reps"]} times."""),
         *_quiet(result),
-        f"- Early exit: {result['infos'][FULL]['exit_policy'].replace(REPO + '/', '')}",
+        f"- Early exit: {_relative(result['infos'][FULL]['exit_policy'])}",
         para(f"- llama.cpp: {llama}"),
     ]
 
@@ -482,9 +487,10 @@ def _micro(result: dict) -> list[str]:
         numpy calls its bundled OpenBLAS (sgemv) with 2 and with 1 thread (1 thread is the robust
         figure when another process holds a core: 2 threads wait for each other); MLX uses the
         system OpenBLAS that Octomil preloads for fp32, and its own kernel for 4-bit (group size
-        32, as Q4_1). "mlx" rows run with Octomil's few-row route (`octomil.gemv_route`: products
-        of up to 4 rows through OpenBLAS's sgemv), "mlx-sgemm" rows without it (every product
-        through sgemm, as MLX itself calls it). (out, in) is mlx-lm's weight storage, (in, out) the
+        32, as Q4_1). "mlx" rows run with Octomil's few-row route (`octomil.blas.route`, as the
+        BLAS line at the top says: products of up to 4 rows through OpenBLAS's sgemv until
+        2026-12, then the rows kernel), "mlx-sgemm" rows without it (every product through
+        sgemm, as MLX itself calls it). (out, in) is mlx-lm's weight storage, (in, out) the
         transposed one Octomil picks when faster."""),
         "",
         md_table(
@@ -518,7 +524,7 @@ def _method(result: dict) -> list[str]:
         then `dequantize_model` and `set_dtype(float32)` (fp32) or left as MLX 4-bit (native);
         `mlx_lm.generate.generate_step` (greedy, never stops on EOS), timed at each token. "Stock"
         runs with the system OpenBLAS preloaded (as the BRIEF's baseline) and
-        `OCTOMIL_NO_GEMV_ROUTE=1`; the "+ Octomil's sgemv route" row is the same code in a process
+        `OCTOMIL_NO_BLAS_ROUTE=1`; the "+ Octomil's BLAS route" row is the same code in a process
         where the route is active, to separate that BLAS fix from the rest of Octomil's engine."""),
         para("""- llama.cpp: `Llama(n_threads=N, n_threads_batch=N, n_batch=512)` with N = 2 and
         N = 1 (two processes), `reset()` before
@@ -533,7 +539,8 @@ def _method(result: dict) -> list[str]:
     ]
 
 
-def render_markdown(result: dict, png: dict[str, str]) -> str:
+def render_markdown(result: dict, png: dict[str, str], sections: list[str] | None = None) -> str:
+    """The report; ``sections``: markdown lines of other benchmarks' sections, before the method."""
     out = _header(result)
     out += ["", "## Headline", "", _headline(result["summary"]), ""]
     out += [
@@ -551,6 +558,7 @@ def render_markdown(result: dict, png: dict[str, str]) -> str:
     gap = _gap(result)
     out += gap + [""] if gap else []
     out += _micro(result) + [""]
+    out += [*sections, ""] if sections else []
     out += _method(result)
     return "\n".join(out) + "\n"
 
@@ -563,9 +571,14 @@ def render(result: dict, json_path: Path, md_path: Path) -> None:
     plot_tok_s(result, pngs["tok_s"])
     plot_speed_vs_agreement(result, pngs["agreement"])
     rel = {k: os.path.relpath(p, md_path.parent) for k, p in pngs.items()}
+    from rows_render import load, report_section  # imports this module: not at the top
+
+    rows = load(json_path.with_name("rows.json"))
+    png = os.path.relpath(json_path.with_name("rows.png"), md_path.parent)
+    sections = report_section(rows, png) if rows else None
     # The serving section belongs to serve_render.py: carried over as it is.
     kept = kept_section(md_path.read_text()) if md_path.exists() else ""
-    md_path.write_text(render_markdown(result, rel) + ("\n" + kept if kept else ""))
+    md_path.write_text(render_markdown(result, rel, sections) + ("\n" + kept if kept else ""))
 
 
 def print_headline(result: dict) -> None:

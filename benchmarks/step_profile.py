@@ -7,7 +7,7 @@ Octomil's changes, in the same process, interleaved, median of many repetitions:
 - whole step: the model's forward pass for one token over a KV cache of ``--context`` tokens
   plus the greedy argmax, evaluated synchronously (no run-ahead), for the engine's model (table
   RoPE, compiled RMS norm: ``octomil.models.fast_modules``) and mlx-lm's own, each with
-  Octomil's sgemv route on and off;
+  Octomil's few-row BLAS route on and off;
 - parts: the fp32 products of every layer and the head (one graph), RoPE and RMS norms (mlx's
   ``fast`` ops vs the engine's modules), the attention core
   (``mx.fast.scaled_dot_product_attention``) over the cache, the head's argmax, and building the
@@ -21,7 +21,7 @@ the remainder is reported as "other" (MLX's per-operation overhead, cache writes
 
 from __future__ import annotations
 
-import octomil  # noqa: F401  (first: OpenBLAS and the sgemv route load before mlx)
+import octomil  # noqa: F401  (first: OpenBLAS and the BLAS route load before mlx)
 
 # isort: split
 import argparse
@@ -36,7 +36,8 @@ import mlx.core as mx
 from engine_bench import cpu_model, git_commit
 from mlx_lm.models.cache import make_prompt_cache
 
-from octomil import blas, gemv_route
+from octomil import blas
+from octomil.blas import route
 from octomil.models.loader import load, load_stock_model
 from octomil.models.rope_table import TableRoPE
 
@@ -171,18 +172,18 @@ def main() -> None:
     whole: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # interleaved: machine noise hits every variant alike
         for name, fn in fns.items():
-            whole.setdefault(f"{name}, sgemv route", []).append(median_ms(fn, args.repeats))
-            with gemv_route.disabled():
+            whole.setdefault(f"{name}, BLAS route", []).append(median_ms(fn, args.repeats))
+            with route.disabled():
                 ms = median_ms(fn, args.repeats)
             whole.setdefault(f"{name}, sgemm (no route)", []).append(ms)
     step = {name: statistics.median(v) for name, v in whole.items()}
     part = parts(engine_model, args.context, args.repeats)
-    with gemv_route.disabled():
+    with route.disabled():
         part["products, sgemm (no route)"] = products_ms(engine_model, 5)
     part["building the step's graph in Python"] = graph_build_ms(
         engine_model, args.context, args.repeats
     )
-    engine_step = step["engine model (table RoPE, compiled RMS norm), sgemv route"]
+    engine_step = step["engine model (table RoPE, compiled RMS norm), BLAS route"]
     counted = [
         "products (layers + head, one graph)",
         "RoPE, shared table (2 per layer)",
@@ -239,7 +240,7 @@ def plot(result: dict, png: Path) -> None:
         right.barh(["engine step"], [ms], left=acc, label=f"{name}: {ms:.1f} ms")
         acc += ms
     right.set_xlabel("ms")
-    right.set_title("engine step (sgemv route, fast modules), by part")
+    right.set_title("engine step (BLAS route, fast modules), by part")
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110, bbox_inches="tight")

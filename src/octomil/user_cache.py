@@ -1,6 +1,6 @@
 """Where Octomil keeps per-user derived files: ``$OCTOMIL_CACHE``, default ``~/.cache/octomil``.
 
-Everything there can be rebuilt (weight hashes, calibrated policies, the compiled one-row BLAS
+Everything there can be rebuilt (weight hashes, calibrated policies, the compiled few-row BLAS
 route), so a read-only or missing home only costs time. Imports nothing heavy: ``octomil.blas``
 uses it before ``mlx`` is loaded.
 """

@@ -1,11 +1,11 @@
-"""Load a real BLAS into the process before ``mlx`` is imported.
+"""The BLAS under MLX's CPU backend: OpenBLAS, with Octomil's route for few-row products.
 
 MLX's Linux CPU wheel links the reference (netlib) BLAS: a 32x576 @ 576x1536 matmul takes ~26 ms
 there and ~0.8 ms with OpenBLAS. Loading OpenBLAS with ``RTLD_GLOBAL`` before ``mlx.core`` is
 imported makes the dynamic linker resolve MLX's ``cblas_*``/``sgemm_`` symbols to it, except
-``cblas_sgemm`` itself, which ``octomil.gemv_route`` places ahead of it to send few-row products
-to sgemv.
-This module must not import mlx itself.
+``cblas_sgemm`` itself, which ``route`` places ahead of it to send few-row products to Octomil's
+rows kernel (``native/``, compiled by ``build``).
+This package must not import mlx itself.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-from octomil import gemv_route
+from octomil.blas import route
 
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -55,8 +55,8 @@ def preload() -> str | None:
                 continue
             # Once loaded, the route is what MLX calls: load it only if it can be bound.
             has_both = hasattr(library, "cblas_sgemm") and hasattr(library, "cblas_sgemv")
-            if has_both and gemv_route.load_before_blas():
-                gemv_route.bind(library)
+            if has_both and route.load_before_blas():
+                route.bind(library)
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             _loaded = path
             _reason = "loaded"
@@ -69,8 +69,7 @@ def preload() -> str | None:
 def describe() -> str:
     """One line for the startup log naming the BLAS in use."""
     if _loaded:
-        route = "few-row products via sgemv" if gemv_route.active() else gemv_route.reason()
-        return f"OpenBLAS ({_loaded}; {route})"
+        return f"OpenBLAS ({_loaded}; {route.describe()})"
     if sys.platform == "darwin":
         return "Accelerate"
     return f"reference BLAS ({_reason})"

@@ -1,4 +1,6 @@
-"""Few-row fp32 products go through sgemv, give the same numbers, and the route degrades cleanly."""
+"""Few-row fp32 products go through the route (rows kernel, one-column sgemv), MLX's products give
+the same numbers, the mode switch works, and the route degrades cleanly (no compiler, disabled,
+unwritable cache)."""
 
 import os
 import sys
@@ -8,51 +10,61 @@ import numpy as np
 import pytest
 from fresh_python import run_python
 
-from octomil import blas, gemv_route
+from octomil import blas
+from octomil.blas import build, route
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the route exists on Linux only")
 
 import mlx.core as mx  # noqa: E402  (after octomil: the route must be loaded before mlx)
 
 
-def test_route_is_active_and_counts_few_row_products():
-    assert gemv_route.active(), gemv_route.reason()
-    assert "few-row products via sgemv" in blas.describe()
-    a, b = mx.random.normal((1, 64)), mx.random.normal((64, 96))
-    mx.eval(a, b)
-    before = gemv_route.routed_calls()
-    mx.eval(a @ b)
-    assert gemv_route.routed_calls() == before + 1
-    square = mx.random.normal((8, 64))
-    mx.eval(square)
-    mx.eval(square[:3] @ b)  # three rows (decode + catch-up rows): one sgemv per row
-    assert gemv_route.routed_calls() == before + 2
-    mx.eval(square @ b)  # eight rows: OpenBLAS's sgemm, not the route
-    assert gemv_route.routed_calls() == before + 2
+def test_route_is_active_and_counts_routed_products():
+    assert route.active(), route.reason()
+    assert f"1-{route.max_rows()} rows via octomil rows kernel ({route.isa()})" in blas.describe()
+    assert route.max_rows() >= 16
+    b = mx.random.normal((64, 96))
+    rows = mx.random.normal((route.max_rows() + 1, 64))
+    mx.eval(b, rows)
+    before = route.routed_calls()
+    mx.eval(rows[:1] @ b)  # a decode step
+    assert route.routed_calls() == before + 1
+    mx.eval(rows[:3] @ b)  # a few rows: one read of the weights for all
+    mx.eval(rows[: route.max_rows()] @ b)
+    assert route.routed_calls() == before + 3
+    mx.eval(rows @ b)  # one row more: OpenBLAS's sgemm, not the route
+    assert route.routed_calls() == before + 3
+    mx.eval(b.T @ rows[:1].T)  # one column of 96 rows: OpenBLAS's sgemv
+    assert route.routed_calls() == before + 4
 
 
-def test_disabled_block_sends_products_to_sgemm():
+def test_modes_send_products_to_sgemm_or_sgemv_per_row():
     a, b = mx.random.normal((1, 64)), mx.random.normal((64, 96))
-    mx.eval(a, b)
-    before = gemv_route.routed_calls()
-    with gemv_route.disabled():
+    five = mx.random.normal((5, 64))
+    mx.eval(a, b, five)
+    before = route.routed_calls()
+    with route.disabled():
         off = a @ b
         mx.eval(off)
-    assert gemv_route.routed_calls() == before
+    assert route.routed_calls() == before
+    with route.using("sgemv"):  # the previous route: up to 4 rows, one sgemv per row
+        per_row = a @ b
+        mx.eval(per_row, five @ b)
+    assert route.routed_calls() == before + 1
     on = a @ b
     mx.eval(on)
-    assert gemv_route.routed_calls() == before + 1
+    assert route.routed_calls() == before + 2
     assert mx.allclose(on, off, rtol=1e-5, atol=1e-5)
+    assert mx.allclose(on, per_row, rtol=1e-5, atol=1e-5)
 
 
 def _close(got: mx.array, want: np.ndarray) -> None:
     np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_few_row_and_one_column_products_match_numpy(rows, transpose_a, transpose_b):
+def test_mlx_products_match_numpy(rows, transpose_a, transpose_b):
     rng = np.random.default_rng(rows)
     k, n = 576, 1536
     a = rng.standard_normal((k, rows) if transpose_a else (rows, k)).astype(np.float32)
@@ -85,20 +97,22 @@ def _probe(env: dict[str, str]) -> list[str]:
     code = textwrap.dedent(
         """
         import octomil, mlx.core as mx, numpy as np
-        from octomil import blas, gemv_route
+        from octomil import blas
+        from octomil.blas import route
         a, b = mx.random.normal((1, 32)), mx.random.normal((32, 48))
         err = float(np.abs(np.array(a @ b) - np.array(a) @ np.array(b)).max())
-        print(gemv_route.active(), gemv_route.routed_calls(), err < 1e-4)
+        print(route.active(), route.routed_calls(), err < 1e-4)
         print(blas.describe())
         """
     )
     return run_python(code, env)
 
 
-def test_disabled_route_leaves_sgemm_in_charge():
-    status, line = _probe({gemv_route.DISABLE_ENV: "1"})
+@pytest.mark.parametrize("variable", [route.DISABLE_ENV, "OCTOMIL_NO_GEMV_ROUTE"])
+def test_disabled_route_leaves_sgemm_in_charge(variable):
+    status, line = _probe({variable: "1"})
     assert status == "False 0 True"
-    assert gemv_route.DISABLE_ENV in line
+    assert f"few-row products via sgemm: route disabled by {variable}" in line
 
 
 def test_missing_compiler_falls_back_with_a_reason(tmp_path):
@@ -118,7 +132,7 @@ def test_unwritable_cache_falls_back_to_a_private_temp_dir(tmp_path):
     assert status.startswith("True ")
     private = tmp_path / f"octomil-{os.getuid()}"
     assert oct(private.stat().st_mode & 0o777) == "0o700"
-    assert [p.name.startswith("gemv_route-") for p in (private / "native").iterdir()] == [True]
+    assert [p.name.startswith(build.PREFIX) for p in (private / "native").iterdir()] == [True]
 
 
 def test_a_temp_dir_others_can_write_is_not_used(tmp_path):
@@ -134,4 +148,4 @@ def test_a_temp_dir_others_can_write_is_not_used(tmp_path):
 def test_first_use_builds_into_the_user_cache(tmp_path):
     status, _ = _probe({"OCTOMIL_CACHE": str(tmp_path), "TMPDIR": str(tmp_path)})
     assert status.startswith("True ")
-    assert [p.name.startswith("gemv_route-") for p in (tmp_path / "native").iterdir()] == [True]
+    assert [p.name.startswith(build.PREFIX) for p in (tmp_path / "native").iterdir()] == [True]
