@@ -193,3 +193,46 @@ def test_batch_exit_rule_leaves_only_when_every_row_is_confident(byte_tokenizer)
 def test_unknown_exit_rule_is_refused():
     with pytest.raises(ValueError, match="exit_rule"):
         SchedulerConfig(exit_rule="fastest")
+
+
+def test_more_rows_than_one_product_takes_stay_exact(byte_tokenizer, monkeypatch):
+    """16 sequences with catch-up rows exceed the rows kernel's 32 rows: the layer runs in several
+    products of whole sequences, so each still gets the tokens it gets alone."""
+    from octomil.blas import route
+    from octomil.engine import ragged
+
+    widest = {"step": 0, "product": 0}
+    run_layer, attention = ragged.run_layer, ragged._RaggedAttention.__call__
+
+    def spy_run_layer(layer, h, segments, max_rows=0):
+        widest["step"] = max(widest["step"], h.shape[1])
+        return run_layer(layer, h, segments, max_rows)
+
+    def spy_attention(self, x, mask=None, cache=None):
+        widest["product"] = max(widest["product"], x.shape[1])
+        return attention(self, x, mask, cache)
+
+    monkeypatch.setattr("octomil.engine.layer_loop.run_layer", spy_run_layer)
+    monkeypatch.setattr(ragged._RaggedAttention, "__call__", spy_attention)
+    engine = tiny_engine(sharpen(make_tiny_model("llama")), byte_tokenizer, early_exit=EXIT_ON)
+    requests = [
+        GenerationRequest(_prompt(i, 3 + i % 5), SamplingParams(max_tokens=10), early_exit=EXIT_ON)
+        for i in range(16)
+    ]
+    got, gens = _together(engine, requests, [0] * 16, SchedulerConfig(max_batch_size=16))
+    assert sum(g.stats.early_exit_tokens for g in gens) > 16
+    assert widest["step"] > route.max_rows() >= widest["product"] > 0
+    for i, request in enumerate(requests):
+        assert got[i] == _alone(engine, request), f"request {i}"
+
+
+def test_row_groups_keep_sequences_whole():
+    from octomil.engine.ragged import Segment, row_groups
+
+    sizes = [5, 5, 1, 3, 5, 5, 2]
+    segments, start = [], 0
+    for n in sizes:
+        segments.append(Segment(start, start + n, None, None))
+        start += n
+    groups = row_groups(segments, 8)
+    assert [[s.stop - s.start for s in g] for g in groups] == [[5], [5, 1], [3, 5], [5, 2]]

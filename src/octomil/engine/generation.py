@@ -65,6 +65,7 @@ class Generation:
         self._sampler = Sampler(params, vocab_size)
         self._text = TextStream(tokenizer, params.stop)
         self._cancelled = threading.Event()
+        self.prefill_chunk = prefill_chunk
         self._chunks = deque(_prefill_chunks(len(prompt), prefill_chunk))
         self._queued: deque[Selection] = deque()  # sampled, not yet emitted
         self._history = list(prompt)
@@ -106,6 +107,11 @@ class Generation:
     @property
     def prefill_remaining(self) -> int:
         return sum(c.stop - c.start for c in self._chunks)
+
+    @property
+    def next_chunk(self) -> int:
+        """Tokens in the next prompt chunk (0 when the prompt is fed)."""
+        return self._chunks[0].stop - self._chunks[0].start if self._chunks else 0
 
     def feed_chunk(self) -> int:
         """Feed the next prompt chunk into the cache; returns how many tokens it had."""

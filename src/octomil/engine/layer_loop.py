@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from octomil.blas import route
 from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
 from octomil.engine.ragged import Segment, run_layer
@@ -139,8 +140,10 @@ def decode_batch(
     """Feed one token to each sequence of ``inputs`` in one pass: every layer's products read the
     weights once for all rows (``octomil.engine.ragged``); each sequence may exit on its own.
 
-    Each sequence's result is what ``LayerLoop.decode`` gives it alone (same rows, same cache).
+    Each sequence's result is what ``LayerLoop.decode`` gives it alone (same rows, same cache):
+    no product has more rows than the few-row route computes row by row (``route.max_rows()``).
     """
+    max_rows = route.max_rows()  # 0: the route is off, no cap
     groups = []
     for k, item in enumerate(inputs):
         loop = item.loop
@@ -163,7 +166,7 @@ def decode_batch(
             n = len(g.positions)
             segments.append(Segment(start, start + n, g.loop.cache[i], g.loop.mask(n, i)))
             start += n
-        h = run_layer(anatomy.layers[i], h, segments)
+        h = run_layer(anatomy.layers[i], h, segments, max_rows)
         leaving = _exits(anatomy, h, active, segments, i + 1, exit_rule)
         if leaving:
             for g, decision in leaving:
@@ -185,7 +188,10 @@ def decode_batch(
         logits_all = anatomy.logits(h[:, -1, :])
     else:
         ends = list(itertools.accumulate(len(g.positions) for g in active))
-        logits_all = anatomy.logits(h[0, mx.array([e - 1 for e in ends])])  # one head product
+        last = h[0, mx.array([e - 1 for e in ends])]  # (B, D): one head product for all
+        cap = max_rows or len(active)
+        pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
+        logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
     for k, g in enumerate(active):
         logits = logits_all if len(active) == 1 else logits_all[k : k + 1]
         entropy = g.entropy

@@ -101,8 +101,32 @@ class _RaggedAttention(nn.Module):
         return originals["o_proj"](joined)
 
 
-def run_layer(layer: nn.Module, h: mx.array, segments: Sequence[Segment]) -> mx.array:
-    """Apply ``layer`` to ``h`` (1, R, D) whose rows are split into ``segments`` (in row order)."""
+def row_groups(segments: Sequence[Segment], max_rows: int) -> list[list[Segment]]:
+    """Consecutive segments in groups of at most ``max_rows`` rows (a longer segment alone)."""
+    groups: list[list[Segment]] = [[]]
+    for seg in segments:
+        group = groups[-1]
+        if group and seg.stop - group[0].start > max_rows:
+            groups.append([])
+        groups[-1].append(seg)
+    return groups
+
+
+def run_layer(
+    layer: nn.Module, h: mx.array, segments: Sequence[Segment], max_rows: int = 0
+) -> mx.array:
+    """Apply ``layer`` to ``h`` (1, R, D) whose rows are split into ``segments`` (in row order).
+
+    ``max_rows`` > 0 caps the rows of one product: more rows run as several passes of whole
+    segments (beyond the few-row route's limit a product would lose batch invariance).
+    """
+    if max_rows and h.shape[1] > max_rows and len(segments) > 1:
+        pieces = []
+        for group in row_groups(segments, max_rows):
+            start = group[0].start
+            shifted = [Segment(s.start - start, s.stop - start, s.cache, s.mask) for s in group]
+            pieces.append(run_layer(layer, h[:, start : group[-1].stop], shifted))
+        return mx.concatenate(pieces, axis=1)
     if len(segments) == 1:
         seg = segments[0]
         return layer(h, seg.mask, seg.cache)

@@ -6,9 +6,10 @@ rows as possible. Each :meth:`Scheduler.step`:
 1. drops cancelled requests (between any two prefill chunks or tokens);
 2. admits waiting requests in arrival order while their KV positions (prompt + max_tokens) fit
    the budget (``max_kv_tokens``); a request that could never fit is refused at submission;
-3. feeds *one* prompt chunk of one prefilling request (round robin among them), so a long prompt
-   never stalls the running streams for longer than one chunk, and a short prompt arriving behind
-   it waits at most one chunk per prompt ahead of it;
+3. feeds prompt chunks, round robin among the prefilling requests, as many whole chunks as fit
+   one chunk's worth of tokens (at least one): a long prompt never stalls the running streams for
+   longer than one chunk, a short prompt arriving behind it waits at most one chunk per prompt
+   ahead of it, and many short prompts arriving together are read in one step;
 4. decodes one token for up to ``max_batch_size`` sequences in one batched pass
    (``layer_loop.decode_batch``): every product reads the weights once for all of them.
 
@@ -110,15 +111,24 @@ class Scheduler:
         out = StepOutput()
         self._drop_cancelled(out)
         self._admit()
-        if self._prefilling:
-            gen = self._prefilling.popleft()
-            out.prefill_tokens = gen.feed_chunk()
-            (self._prefilling if gen.prefill_remaining else self._ready).append(gen)
+        self._prefill(out)
         while self._ready and len(self._decoding) < self.config.max_batch_size:
             self._decoding.append(self._ready.popleft())
         if self._decoding:
             self._decode(out)
         return out
+
+    def _prefill(self, out: StepOutput) -> None:
+        """Feed whole prompt chunks, round robin, while they fit one chunk's worth of tokens
+        (at least one chunk a step): many short prompts start together, a long one goes on."""
+        budget = self._prefilling[0].prefill_chunk if self._prefilling else 0
+        for _ in range(len(self._prefilling)):
+            gen = self._prefilling[0]
+            if out.prefill_tokens and out.prefill_tokens + gen.next_chunk > budget:
+                break
+            self._prefilling.popleft()
+            out.prefill_tokens += gen.feed_chunk()
+            (self._prefilling if gen.prefill_remaining else self._ready).append(gen)
 
     def _drop_cancelled(self, out: StepOutput) -> None:
         for queue in (self._waiting, self._prefilling, self._ready):
