@@ -75,8 +75,11 @@ def octomil_run(engine: Engine, prompts: list[list[int]], tokens: int, config: s
     }
 
 
-def stock_run(model, tokenizer, prompts: list[list[int]], tokens: int) -> dict:  # noqa: ANN001
+def stock_run(model, engine: Engine, prompts: list[list[int]], tokens: int) -> dict:  # noqa: ANN001
     from mlx_lm.generate import batch_generate
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    tokenizer = TokenizerWrapper(engine.tokenizer, eos_token_ids=set(engine.loaded.eos_token_ids))
 
     with route.disabled():
         response = batch_generate(model, tokenizer, prompts, max_tokens=tokens)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for config in order:
                 if config == "stock":
-                    run = stock_run(stock, engine.tokenizer, prompts[:b], tokens)
+                    run = stock_run(stock, engine, prompts[:b], tokens)
                 else:
                     run = octomil_run(engine, prompts[:b], tokens, config)
                 results[config][b].append(run)

@@ -56,6 +56,9 @@ class _Forced(ExitPolicy):
         decision = AdaptedExitPolicy.decide(self.inner, anatomy, hidden, depth)
         return ExitDecision(self.mode == "exit", decision.logits, decision.entropy)
 
+    def decide_rows(self, anatomy: Anatomy, hidden, depth: int) -> list[ExitDecision]:
+        return [self.decide(anatomy, hidden[k : k + 1], depth) for k in range(hidden.shape[0])]
+
 
 def measure_costs(
     loaded,

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from octomil.config import EarlyExitSettings
-from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
+from octomil.engine.exit_policy import ExitDecision, ExitPolicy, _entropy_decisions, entropy_nats
 from octomil.engine.policy_store import (
     ENV_VAR,
     LENS,
@@ -142,17 +142,20 @@ class AdaptedExitPolicy(ExitPolicy):
             return mx.log(mx.maximum(ent, LOG_EPS))
         return None
 
-    def decide(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> ExitDecision:
+    def decide_rows(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> list[ExitDecision]:
         adapter = self.adapters.get(depth)
         h = adapter(hidden) if adapter is not None else hidden
         score = self.gate_score(anatomy, h, depth)
-        if score is not None and score.item() > self.gate_bound:
-            return ExitDecision(False, None, None)  # the head is not evaluated
-        logits = anatomy.logits(h)
-        ent = entropy_nats(logits)
-        mx.eval(logits, ent)
-        value = ent.item()
-        return ExitDecision(value <= self.threshold, logits, value)
+        keep = list(range(h.shape[0]))
+        if score is not None:  # the head is evaluated only for rows the gate lets through
+            keep = [k for k, s in enumerate(score.reshape(-1).tolist()) if s <= self.gate_bound]
+        decisions = [ExitDecision(False, None, None)] * h.shape[0]
+        if keep:
+            rows = h if len(keep) == h.shape[0] else h[mx.array(keep)]
+            passed = _entropy_decisions(anatomy.logits(rows), self.threshold)
+            for k, decision in zip(keep, passed, strict=True):
+                decisions[k] = decision
+        return decisions
 
 
 class ExitPolicyBundle:

@@ -90,8 +90,19 @@ class ExitPolicy:
 
     def decide(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> ExitDecision:
         """Should the token whose hidden state after ``depth`` layers is ``hidden`` (1, D) exit?"""
-        logits = anatomy.logits(hidden)
-        ent = entropy_nats(logits)
-        mx.eval(logits, ent)
-        value = ent.item()
-        return ExitDecision(value <= self.threshold, logits, value)
+        return self.decide_rows(anatomy, hidden, depth)[0]
+
+    def decide_rows(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> list[ExitDecision]:
+        """:meth:`decide` for the rows of ``hidden`` (B, D) of sequences sharing this policy: one
+        head product and one synchronisation for all of them, each row decided on its own."""
+        return _entropy_decisions(anatomy.logits(hidden), self.threshold)
+
+
+def _entropy_decisions(logits: mx.array, threshold: float) -> list[ExitDecision]:
+    """Exit decisions from the head's logits (B, vocab), one per row."""
+    ent = entropy_nats(logits)
+    mx.eval(logits, ent)
+    return [
+        ExitDecision(value <= threshold, logits[k : k + 1], value)
+        for k, value in enumerate(ent.tolist())
+    ]

@@ -225,14 +225,20 @@ def _exits(
     exit_rule: str,
 ) -> list[tuple[_Group, ExitDecision]]:
     """The sequences whose token leaves after ``depth`` layers, with their decisions."""
-    decided = []
+    by_policy: dict[ExitPolicy, list[tuple[_Group, Segment]]] = {}
     for g, seg in zip(active, segments, strict=True):
-        if g.policy is None or not g.policy.checks_after(depth):
-            continue
-        decision = g.policy.decide(anatomy, h[:, seg.stop - 1, :], depth)
-        if decision.entropy is not None:
-            g.entropy = decision.entropy
-        decided.append((g, decision))
+        if g.policy is not None and g.policy.checks_after(depth):
+            by_policy.setdefault(g.policy, []).append((g, seg))  # equal policies share
+    decided = []
+    for rows in by_policy.values():  # one head product per policy for all its rows
+        policy = rows[0][0].policy
+        assert policy is not None
+        last = [seg.stop - 1 for _, seg in rows]
+        hidden = h[:, last[0], :] if len(rows) == 1 else h[0, mx.array(last)]
+        for (g, _), decision in zip(rows, policy.decide_rows(anatomy, hidden, depth), strict=True):
+            if decision.entropy is not None:
+                g.entropy = decision.entropy
+            decided.append((g, decision))
     leaving = [(g, d) for g, d in decided if d.exit]
     if exit_rule == "batch" and len(leaving) < len(active):
         return []

@@ -28,7 +28,7 @@ from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve
 
 _PRESETS = ", ".join(p.value for p in SpeedQuality)
 # Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, README "Concurrency").
-DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_PREFILL_CHUNK = 64
 
 
