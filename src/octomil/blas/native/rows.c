@@ -67,36 +67,6 @@ TARGET static inline float hsum_avx512(__m512 v) {
 
 #include "rows_kernel.h"
 
-#undef ISA
-#undef TARGET
-#undef VF
-#undef VL
-#undef V_LOAD
-#undef V_STORE
-#undef V_SET1
-#undef V_ZERO
-#undef V_MUL
-#undef V_ADD
-#undef V_FMA
-#undef S_FMA
-#undef V_HSUM
-#undef V_KEEP
-#undef NT_BLK
-#undef NT_JB4
-#undef NT_JB3
-#undef NT_JB2
-#undef NT_JB1
-#undef NT1_JB
-#undef NT_MAX_JB
-#undef NN_BV
-#undef NN_V4
-#undef NN_D4
-#undef NN_V2
-#undef NN_V1
-#undef NN1_JV
-#undef NN_MAX_JV
-#undef NN_PACK_ROWS
-#undef NN_KB
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------- */
 #define ISA avx2
@@ -132,36 +102,6 @@ TARGET static inline float hsum_avx512(__m512 v) {
 
 #include "rows_kernel.h"
 
-#undef ISA
-#undef TARGET
-#undef VF
-#undef VL
-#undef V_LOAD
-#undef V_STORE
-#undef V_SET1
-#undef V_ZERO
-#undef V_MUL
-#undef V_ADD
-#undef V_FMA
-#undef S_FMA
-#undef V_HSUM
-#undef V_KEEP
-#undef NT_BLK
-#undef NT_JB4
-#undef NT_JB3
-#undef NT_JB2
-#undef NT_JB1
-#undef NT1_JB
-#undef NT_MAX_JB
-#undef NN_BV
-#undef NN_V4
-#undef NN_D4
-#undef NN_V2
-#undef NN_V1
-#undef NN1_JV
-#undef NN_MAX_JV
-#undef NN_PACK_ROWS
-#undef NN_KB
 #endif /* __x86_64__ */
 
 /* ---- Plain 4-float vectors (SSE2, NEON), not fused: the file is built with -ffp-contract=off -- */

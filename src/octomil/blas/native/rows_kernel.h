@@ -1,6 +1,6 @@
 /*
  * The rows kernel for one instruction set; rows.c includes this file once per instruction set
- * after defining:
+ * after defining (this file #undefs them again at its end):
  *   ISA                      name suffix (avx512, avx2, generic)
  *   TARGET                   the function attribute that enables the instruction set
  *   VF, VL                   the vector type and its number of floats
@@ -283,3 +283,35 @@ static void FN(run_chunk)(const void *arg, int chunk) {
 #undef FN
 #undef CAT
 #undef CAT_
+
+/* The parameters above are consumed: the next instruction set defines its own. */
+#undef ISA
+#undef TARGET
+#undef VF
+#undef VL
+#undef V_LOAD
+#undef V_STORE
+#undef V_SET1
+#undef V_ZERO
+#undef V_MUL
+#undef V_ADD
+#undef V_FMA
+#undef S_FMA
+#undef V_HSUM
+#undef V_KEEP
+#undef NT_BLK
+#undef NT_JB4
+#undef NT_JB3
+#undef NT_JB2
+#undef NT_JB1
+#undef NT1_JB
+#undef NT_MAX_JB
+#undef NN_BV
+#undef NN_V4
+#undef NN_D4
+#undef NN_V2
+#undef NN_V1
+#undef NN1_JV
+#undef NN_MAX_JV
+#undef NN_PACK_ROWS
+#undef NN_KB
