@@ -192,11 +192,11 @@ def decode_batch(
         cap = max_rows or len(active)
         pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+    measured = any(inputs[g.index].policy is not None for g in active)
+    entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
     for k, g in enumerate(active):
         logits = logits_all if len(active) == 1 else logits_all[k : k + 1]
-        entropy = g.entropy
-        if inputs[g.index].policy is not None:
-            entropy = entropy_nats(logits).item()
+        entropy = entropies[k] if inputs[g.index].policy is not None else g.entropy
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
 

@@ -32,7 +32,13 @@ import mlx.core as mx
 
 from octomil.engine.errors import PromptTooLongError
 from octomil.engine.generation import Generation
-from octomil.engine.layer_loop import EXIT_RULES, DecodeInput, LayerLoop, decode_batch
+from octomil.engine.layer_loop import (
+    EXIT_RULES,
+    DecodeInput,
+    LayerLoop,
+    StepResult,
+    decode_batch,
+)
 from octomil.engine.types import TokenEvent
 
 
@@ -86,13 +92,6 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not (self._waiting or self._prefilling or self._ready or self._decoding)
-
-    def kv_tokens_in_use(self) -> int:
-        """Cache positions filled by admitted requests (prompt chunks fed plus tokens decoded)."""
-        return sum(g.loop.position for g in self._admitted())
-
-    def _admitted(self) -> list[Generation]:
-        return [*self._prefilling, *self._ready, *self._decoding]
 
     # ------------------------------------------------------------------ requests
 
@@ -182,7 +181,7 @@ class Scheduler:
             while gen.queued > keep and not gen.finished:
                 self._emit(gen, out)
 
-    def _run(self, inputs: list[DecodeInput]):  # noqa: ANN202 - list[StepResult]
+    def _run(self, inputs: list[DecodeInput]) -> list[StepResult]:
         loops = [i.loop for i in inputs]
         if all(isinstance(loop, LayerLoop) for loop in loops):
             anatomy = loops[0].anatomy  # type: ignore[union-attr]

@@ -42,7 +42,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
 
     def on_step(out: StepOutput, c: EngineClient) -> None:
         metrics.set_queue(c.waiting, c.running)
-        metrics.batch.record_step(out.batch_size, out.prefill_tokens, c.kv_tokens_in_use)
+        metrics.batch.record_step(out.batch_size, out.prefill_tokens, c.kv_tokens_reserved)
 
     client.on_step = on_step
     return ServingState(

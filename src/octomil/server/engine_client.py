@@ -244,7 +244,7 @@ class EngineClient:
         return self._admitted
 
     @property
-    def kv_tokens_in_use(self) -> int:
+    def kv_tokens_reserved(self) -> int:
         return self._scheduler.kv_tokens_reserved
 
     def step_age(self) -> float:
