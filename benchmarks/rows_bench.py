@@ -58,19 +58,23 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 Product = Callable[[int, int, int, int, object, object, object], None]
 
 
+# cblas_sgemm's arguments after its integer flags and sizes: alpha, a, lda, b, ldb, beta, c, ldc.
+_GEMM_ARGS = [
+    ctypes.c_float,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_float,
+    ctypes.c_void_p,
+    ctypes.c_int,
+]
+
+
 def _sgemm(function: ctypes._CFuncPtr) -> Product:
     """A product through a cblas_sgemm-shaped function: c (m, n) = x (m, k) . op(w)."""
     function.restype = None
-    function.argtypes = [ctypes.c_int] * 6 + [
-        ctypes.c_float,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_float,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    function.argtypes = [ctypes.c_int] * 6 + _GEMM_ARGS
 
     def run(trans_b: int, m: int, n: int, k: int, x: object, w: object, c: object) -> None:
         ldb = k if trans_b == TRANS else n
@@ -81,16 +85,7 @@ def _sgemm(function: ctypes._CFuncPtr) -> Product:
 
 def _direct(function: ctypes._CFuncPtr) -> Product:
     """A product through one of the route's direct entries (no order argument)."""
-    function.argtypes = [ctypes.c_int] * 5 + [
-        ctypes.c_float,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_float,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    function.argtypes = [ctypes.c_int] * 5 + _GEMM_ARGS
 
     def run(trans_b: int, m: int, n: int, k: int, x: object, w: object, c: object) -> None:
         ldb = k if trans_b == TRANS else n
