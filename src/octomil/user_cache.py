@@ -12,4 +12,9 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OCTOMIL_CACHE") or Path.home() / ".cache" / "octomil")
+    return Path(os.environ.get("OCTOMIL_CACHE") or default_cache_dir())
+
+
+def default_cache_dir() -> Path:
+    """The cache without ``$OCTOMIL_CACHE``: where ``make setup`` builds the native code."""
+    return Path.home() / ".cache" / "octomil"

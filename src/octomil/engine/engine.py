@@ -23,6 +23,7 @@ from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
+from octomil.kernels import decode
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
 
@@ -107,7 +108,8 @@ class Engine:
         if self.loaded.layout.transposed:
             weights += " (in, out)"
         return (
-            f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, {blas.describe()}"
+            f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, "
+            f"{blas.describe()}, {decode.status()}"
         )
 
     @property

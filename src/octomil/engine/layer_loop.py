@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from octomil.blas import route
 from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
@@ -164,7 +164,10 @@ def decode_batch(
         segments, start = [], 0
         for g in active:
             n = len(g.positions)
-            segments.append(Segment(start, start + n, g.loop.cache[i], g.loop.mask(n, i)))
+            cache = g.loop.cache[i]
+            # A plain cache never masks one row (mlx-lm: no window, N == 1); skip asking it.
+            mask = None if n == 1 and type(cache) is KVCache else g.loop.mask(n, i)
+            segments.append(Segment(start, start + n, cache, mask))
             start += n
         h = run_layer(anatomy.layers[i], h, segments, max_rows)
         leaving = _exits(anatomy, h, active, segments, i + 1, exit_rule)

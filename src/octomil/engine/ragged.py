@@ -29,6 +29,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from octomil.engine.decode_modules import attend, eligible, kernel_mlp
+
 _INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
 
 
@@ -84,21 +86,43 @@ class _RaggedAttention(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         attn = self._attention
         originals = {n: attn[n] for n in (*self._names, "o_proj")}
-        stand_ins = {n: _Rows(originals[n](x)) for n in self._names}
-        outputs = []
+        projected = [originals[n](x) for n in self._names]
+        segments = self._segments
+        grouped = [k for k, s in enumerate(segments) if eligible(attn, s.stop - s.start, s.cache)]
+        caches = [segments[k].cache for k in grouped]
+        if len(grouped) == len(segments):  # every sequence decodes one token
+            return originals["o_proj"](attend(attn, *(p[0] for p in projected), caches))
+        outputs = self._family_attention(x, projected, originals)
+        if grouped:
+            rows = mx.array([segments[k].start for k in grouped])
+            joint = attend(attn, *(p[0, rows] for p in projected), caches)
+            for j, k in enumerate(grouped):
+                outputs[k] = joint[:, j : j + 1]
+        joined = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+        return originals["o_proj"](joined)
+
+    def _family_attention(
+        self, x: mx.array, projected: list[mx.array], originals: dict[str, nn.Module]
+    ) -> list[mx.array | None]:
+        """The family's own attention for each segment that does not decode one plain token."""
+        attn = self._attention
+        stand_ins = {n: _Rows(p) for n, p in zip(self._names, projected, strict=True)}
+        outputs: list[mx.array | None] = []
         try:
             for name, stand_in in stand_ins.items():
                 attn[name] = stand_in
             attn["o_proj"] = _Identity()
             for seg in self._segments:
+                if eligible(attn, seg.stop - seg.start, seg.cache):
+                    outputs.append(None)
+                    continue
                 for stand_in in stand_ins.values():
                     stand_in.span = (seg.start, seg.stop)
                 outputs.append(attn(x[:, seg.start : seg.stop], seg.mask, seg.cache))
         finally:
             for name, module in originals.items():
                 attn[name] = module
-        joined = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-        return originals["o_proj"](joined)
+        return outputs
 
 
 def row_groups(segments: Sequence[Segment], max_rows: int) -> list[list[Segment]]:
@@ -127,10 +151,24 @@ def run_layer(
             shifted = [Segment(s.start - start, s.stop - start, s.cache, s.mask) for s in group]
             pieces.append(run_layer(layer, h[:, start : group[-1].stop], shifted))
         return mx.concatenate(pieces, axis=1)
+    mlp = kernel_mlp(layer)
+    if mlp is None:
+        return _run_attention(layer, h, segments)
+    original = layer.mlp
+    layer["mlp"] = mlp
+    try:
+        return _run_attention(layer, h, segments)
+    finally:
+        layer["mlp"] = original
+
+
+def _run_attention(layer: nn.Module, h: mx.array, segments: Sequence[Segment]) -> mx.array:
+    """``layer`` over the segments' rows with each sequence's attention kept to its own cache."""
+    attention = getattr(layer, "self_attn", None)
     if len(segments) == 1:
         seg = segments[0]
-        return layer(h, seg.mask, seg.cache)
-    attention = layer.self_attn
+        if not eligible(attention, seg.stop - seg.start, seg.cache):
+            return layer(h, seg.mask, seg.cache)
     names = _input_projections(attention)
     if names is None:
         pieces = [layer(h[:, s.start : s.stop], s.mask, s.cache) for s in segments]

@@ -37,6 +37,12 @@ def _rotate(x: mx.array, cos: mx.array, signed_sin: mx.array, partner: mx.array)
 _rotate_compiled = mx.compile(_rotate)
 
 
+def rotate(x: mx.array, cos: mx.array, signed_sin: mx.array, partner: mx.array) -> mx.array:
+    """Apply a table's rotation to ``x``; the fused kernel for decode-sized inputs."""
+    rotate_ = _rotate_compiled if x.shape[-2] <= COMPILED_MAX_ROWS else _rotate
+    return rotate_(x, cos, signed_sin, partner)
+
+
 class RopeTables:
     """Per-model cache of (cos, signed sin, partner) tables keyed by offset, length, head size."""
 
@@ -52,6 +58,27 @@ class RopeTables:
             found = self._tables[key] = (
                 *self._angles(offset, length, head_dim),
                 self._partner(head_dim),
+            )
+            if len(self._tables) > _TABLES_KEPT:
+                self._tables.popitem(last=False)
+        return found
+
+    def rows(self, positions: tuple[int, ...], head_dim: int) -> tuple[mx.array, ...]:
+        """Tables ``(n, head_dim)`` whose row ``i`` rotates one token at ``positions[i]``.
+
+        Row ``i`` is exactly the table ``get(positions[i], 1, head_dim)``, so a token rotated among
+        others gets the bits it gets alone.
+        """
+        if len(positions) == 1:
+            return self.get(positions[0], 1, head_dim)
+        key = (positions, -1, head_dim)
+        found = self._tables.get(key)
+        if found is None:
+            singles = [self.get(p, 1, head_dim) for p in positions]
+            found = self._tables[key] = (
+                mx.concatenate([t[0] for t in singles]),
+                mx.concatenate([t[1] for t in singles]),
+                singles[0][2],
             )
             if len(self._tables) > _TABLES_KEPT:
                 self._tables.popitem(last=False)
@@ -96,13 +123,16 @@ class TableRoPE(nn.Module):
         self.original = original
         self._tables = tables  # underscore: not a child module, not a parameter
 
+    @property
+    def tables(self) -> RopeTables:
+        return self._tables
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if not isinstance(offset, int) or x.shape[-1] < self._tables.dims:
             return self.original(x, offset=offset)  # batched (array) offsets: the stock path
         cos, sin, partner = self._tables.get(offset, x.shape[-2], x.shape[-1])
         if cos.dtype != x.dtype:
             cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-        rotate = _rotate_compiled if x.shape[-2] <= COMPILED_MAX_ROWS else _rotate
         return rotate(x, cos, sin, partner)
 
 

@@ -1,0 +1,364 @@
+// Decode kernels: the row-wise work of a decode step that MLX's CPU backend does slowly.
+//
+// MLX's Linux CPU backend evaluates exp (and so sigmoid, softmax) one element at a time at
+// ~20-35 ns an element, and spends ~20 operations per sequence and layer on attention. A decode
+// step of 16 sequences then spends more time in SiLU and attention than in its weight products.
+// Two MLX primitives replace them for decode steps (octomil/kernels/decode.py decides when):
+//
+//   swiglu(gate, up)               silu(gate) * up, with a vectorised exp
+//   decode_attention(q, K.., V..)  one query token per sequence against each sequence's own
+//                                  cache buffer, all sequences in one operation
+//
+// Invariant: every row (and every sequence) is computed by the same code whatever else shares
+// the call — the vector exp handles the tail of a row through the same vector code on a padded
+// copy — so a sequence's numbers never depend on its neighbours (batching stays exact).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+// ---- exp over a span: AVX2+FMA when the CPU has it, else the C library's expf ----------------
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+// Cephes-style expf: n = round(x log2 e), r = x - n ln 2 (two parts), degree-6 polynomial,
+// times 2^n built in the exponent bits. Relative error ~1.5 ulp; exp(-inf) = 0 exactly.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+__attribute__((target("avx2,fma"))) inline void swiglu8(const float* gp, const float* up,
+                                                        float* op) {
+  __m256 x = _mm256_loadu_ps(gp);
+  __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  _mm256_storeu_ps(op, _mm256_mul_ps(s, _mm256_loadu_ps(up)));
+}
+
+// out[i] = silu(gate[i]) * up[i] for one row of n elements.
+__attribute__((target("avx2,fma"))) void swiglu_row_avx2(const float* g, const float* u, float* out,
+                                                         int n) {
+  auto eight = swiglu8;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) eight(g + i, u + i, out + i);
+  if (i < n) {  // the tail through the same vector code
+    float gt[8] = {0}, ut[8] = {0}, ot[8];
+    std::memcpy(gt, g + i, (n - i) * sizeof(float));
+    std::memcpy(ut, u + i, (n - i) * sizeof(float));
+    eight(gt, ut, ot);
+    std::memcpy(out + i, ot, (n - i) * sizeof(float));
+  }
+}
+
+void swiglu_row_scalar(const float* g, const float* u, float* out, int n) {
+  for (int i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+// ---- attention of one query head group against one sequence's cache ---------------------------
+
+struct AttentionJob {
+  const float* q;  // (rep, hd): the query heads sharing this key/value head, already scaled
+  const float* k;  // (len, hd) rows of the cache buffer
+  const float* v;
+  float* out;  // (rep, hd)
+  int rep, hd, len;
+};
+
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int n) {
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) void attend_avx2(const AttentionJob& j, std::vector<float>& p) {
+  p.assign(((j.len + 7) / 8) * 8, -INFINITY);
+  for (int r = 0; r < j.rep; ++r) {
+    const float* q = j.q + r * j.hd;
+    float m = -INFINITY;
+    for (int t = 0; t < j.len; ++t) {
+      p[t] = dot_avx2(q, j.k + static_cast<size_t>(t) * j.hd, j.hd);
+      m = std::max(m, p[t]);
+    }
+    __m256 vm = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
+    for (size_t t = 0; t < p.size(); t += 8) {
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&p[t]), vm));
+      _mm256_storeu_ps(&p[t], e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, sum);
+    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    float* o = j.out + r * j.hd;
+    for (int d = 0; d < j.hd; d += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int t = 0; t < j.len; ++t)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(j.v + static_cast<size_t>(t) * j.hd + d), acc);
+      _mm256_storeu_ps(o + d, _mm256_div_ps(acc, _mm256_set1_ps(total)));
+    }
+    // restore the -inf padding past len for the next head
+    for (size_t t = j.len; t < p.size(); ++t) p[t] = -INFINITY;
+  }
+}
+
+void attend_scalar(const AttentionJob& j, std::vector<float>& p) {
+  p.resize(j.len);
+  for (int r = 0; r < j.rep; ++r) {
+    const float* q = j.q + r * j.hd;
+    float m = -INFINITY;
+    for (int t = 0; t < j.len; ++t) {
+      float s = 0;
+      for (int d = 0; d < j.hd; ++d) s += q[d] * j.k[static_cast<size_t>(t) * j.hd + d];
+      p[t] = s;
+      m = std::max(m, s);
+    }
+    float total = 0;
+    for (int t = 0; t < j.len; ++t) total += (p[t] = std::exp(p[t] - m));
+    float* o = j.out + r * j.hd;
+    for (int d = 0; d < j.hd; ++d) {
+      float acc = 0;
+      for (int t = 0; t < j.len; ++t) acc += p[t] * j.v[static_cast<size_t>(t) * j.hd + d];
+      o[d] = acc / total;
+    }
+  }
+}
+
+// ---- primitives ------------------------------------------------------------------------------
+
+void require_f32(const mx::array& a) {
+  if (a.dtype() != mx::float32) throw std::invalid_argument("[octomil_decode] float32 only");
+}
+
+void require_row_contiguous(const std::vector<mx::array>& inputs) {
+  for (const auto& a : inputs)
+    if (!a.flags().row_contiguous)
+      throw std::runtime_error("[octomil_decode] inputs must be row-contiguous");
+}
+
+class SwiGLU : public mx::UnaryPrimitive {
+ public:
+  explicit SwiGLU(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    require_row_contiguous(inputs);
+    const auto& g = inputs[0];
+    const auto& u = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(g);
+    encoder.set_input_array(u);
+    encoder.set_output_array(out);
+    const float* gp = g.data<float>();
+    const float* up = u.data<float>();
+    float* op = out.data<float>();
+    int n = static_cast<int>(g.shape(-1));
+    size_t rows = g.size() / n;
+    encoder.dispatch([=]() {
+      bool avx2 = cpu_has_avx2();
+      for (size_t r = 0; r < rows; ++r) {
+        if (avx2)
+          swiglu_row_avx2(gp + r * n, up + r * n, op + r * n, n);
+        else
+          swiglu_row_scalar(gp + r * n, up + r * n, op + r * n, n);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[octomil_decode] CPU only");
+  }
+  const char* name() const override { return "OctomilSwiGLU"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+// A (1, KV, cap, hd) cache buffer as row-contiguous floats: its own data when it is, else a copy.
+void copy_rows(const mx::array& a, float* dst) {
+  const float* src = a.data<float>();
+  if (a.flags().row_contiguous) {
+    std::memcpy(dst, src, a.nbytes());
+    return;
+  }
+  const auto& st = a.strides();
+  size_t o = 0;
+  for (int h = 0; h < a.shape(1); ++h)
+    for (int t = 0; t < a.shape(2); ++t)
+      for (int d = 0; d < a.shape(3); ++d) dst[o++] = src[h * st[1] + t * st[2] + d * st[3]];
+}
+
+// Writes each sequence's new key/value row into its cache buffer (outputs 1..2n, which take the
+// input buffers over when MLX may donate them, as its own slice update does), then attends each
+// query to its own sequence's first lengths[i] rows (output 0).
+class DecodeAttention : public mx::Primitive {
+ public:
+  DecodeAttention(mx::Stream stream, std::vector<int> lengths, int kv_heads)
+      : mx::Primitive(stream), lengths_(std::move(lengths)), kv_heads_(kv_heads) {}
+
+  // inputs: q (n, H, hd) scaled, k (n, KV, hd), v (n, KV, hd), then K_0..K_{n-1}, V_0..V_{n-1}
+  // (each (1, KV, cap_i, hd)); outputs: attention (n, H, hd), then the updated K_i, V_i.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    require_row_contiguous({inputs[0], inputs[1], inputs[2]});
+    const auto& q = inputs[0];
+    const int n = static_cast<int>(q.shape(0)), heads = static_cast<int>(q.shape(1));
+    const int hd = static_cast<int>(q.shape(2)), rep = heads / kv_heads_;
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
+    std::vector<std::pair<mx::array, mx::array>> copies;  // by value: they outlive this call
+    for (int c = 0; c < 2 * n; ++c) {
+      const auto& in = inputs[3 + c];
+      auto& out = outputs[1 + c];
+      if (in.flags().row_contiguous && in.is_donatable()) {
+        out.copy_shared_buffer(in);
+      } else {
+        out.set_data(mx::allocator::malloc(out.nbytes()));
+        copies.emplace_back(in, out);
+      }
+    }
+    for (auto& o : outputs) encoder.set_output_array(o);
+    std::vector<AttentionJob> jobs;
+    std::vector<std::pair<float*, const float*>> writes;  // (cache row, new row) per head
+    const float* kn = inputs[1].data<float>();
+    const float* vn = inputs[2].data<float>();
+    for (int i = 0; i < n; ++i) {
+      auto& k = outputs[1 + i];
+      auto& v = outputs[1 + n + i];
+      const size_t cap = k.shape(2), pos = lengths_[i] - 1;
+      for (int g = 0; g < kv_heads_; ++g) {
+        float* krow = k.data<float>() + (g * cap + pos) * hd;
+        float* vrow = v.data<float>() + (g * cap + pos) * hd;
+        writes.emplace_back(krow, kn + (static_cast<size_t>(i) * kv_heads_ + g) * hd);
+        writes.emplace_back(vrow, vn + (static_cast<size_t>(i) * kv_heads_ + g) * hd);
+        size_t qoff = (static_cast<size_t>(i) * heads + g * rep) * hd;
+        jobs.push_back({q.data<float>() + qoff, k.data<float>() + g * cap * hd,
+                        v.data<float>() + g * cap * hd, outputs[0].data<float>() + qoff, rep, hd,
+                        lengths_[i]});
+      }
+    }
+    encoder.dispatch([copies = std::move(copies), writes = std::move(writes),
+                      jobs = std::move(jobs), hd]() mutable {
+      for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
+      for (auto& [row, fresh] : writes) std::memcpy(row, fresh, hd * sizeof(float));
+      bool avx2 = cpu_has_avx2() && hd % 8 == 0;
+      std::vector<float> scratch;
+      for (const auto& j : jobs) {
+        if (avx2)
+          attend_avx2(j, scratch);
+        else
+          attend_scalar(j, scratch);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[octomil_decode] CPU only");
+  }
+  const char* name() const override { return "OctomilDecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const DecodeAttention&>(other);
+    return o.lengths_ == lengths_ && o.kv_heads_ == kv_heads_;
+  }
+
+ private:
+  std::vector<int> lengths_;
+  int kv_heads_;
+};
+
+mx::array swiglu(const mx::array& gate, const mx::array& up) {
+  auto s = mx::to_stream(std::monostate{});
+  if (gate.shape() != up.shape()) throw std::invalid_argument("[octomil_decode] shapes differ");
+  require_f32(gate);
+  require_f32(up);
+  auto g = mx::contiguous(gate, false, s);
+  auto u = mx::contiguous(up, false, s);
+  return mx::array(g.shape(), mx::float32, std::make_shared<SwiGLU>(s), {g, u});
+}
+
+// q: (n, H, hd) queries already rotated; k, v: (n, KV, hd) the sequences' new rows; keys/values:
+// each (1, KV, cap_i, hd) cache buffers holding lengths[i] - 1 rows, the new one going at
+// lengths[i] - 1. Returns [attention (n, H, hd), K_0', .., K_{n-1}', V_0', .., V_{n-1}'].
+std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                        const std::vector<mx::array>& keys,
+                                        const std::vector<mx::array>& values,
+                                        const std::vector<int>& lengths, float scale) {
+  auto s = mx::to_stream(std::monostate{});
+  const size_t n = keys.size();
+  if (q.ndim() != 3 || static_cast<size_t>(q.shape(0)) != n || values.size() != n ||
+      lengths.size() != n || n == 0)
+    throw std::invalid_argument("[octomil_decode] q must be (n, H, hd) with n keys, values, lengths");
+  const int kv = static_cast<int>(keys[0].shape(1)), hd = static_cast<int>(q.shape(2));
+  if (q.shape(1) % kv) throw std::invalid_argument("[octomil_decode] heads % kv_heads != 0");
+  const mx::Shape rows{static_cast<int>(n), kv, hd};
+  if (k.shape() != rows || v.shape() != rows)
+    throw std::invalid_argument("[octomil_decode] k and v must be (n, kv_heads, head_dim)");
+  std::vector<mx::array> inputs{mx::contiguous(mx::multiply(q, mx::array(scale), s), false, s),
+                                mx::contiguous(k, false, s), mx::contiguous(v, false, s)};
+  std::vector<mx::Shape> shapes{q.shape()};
+  for (size_t i = 0; i < n; ++i) {
+    const auto& buf = keys[i];
+    if (buf.ndim() != 4 || buf.shape(0) != 1 || buf.shape(1) != kv || buf.shape(3) != hd ||
+        values[i].shape() != buf.shape() || lengths[i] < 1 || lengths[i] > buf.shape(2))
+      throw std::invalid_argument("[octomil_decode] a cache buffer does not fit its query");
+    inputs.push_back(buf);
+    shapes.push_back(buf.shape());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    inputs.push_back(values[i]);
+    shapes.push_back(values[i].shape());
+  }
+  for (const auto& a : inputs) require_f32(a);
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
+                                std::make_shared<DecodeAttention>(s, lengths, kv),
+                                std::move(inputs));
+}
+
+}  // namespace
+
+NB_MODULE(_octomil_decode, m) {
+  m.doc() = "Octomil's decode kernels for MLX's CPU backend (see decode_kernels.cpp)";
+  m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), "silu(gate) * up");
+  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("keys"), nb::arg("values"), nb::arg("lengths"), nb::arg("scale"),
+        "Write each sequence's new key/value row, then attend its query to its own cache: "
+        "[attention, updated keys..., updated values...].");
+  m.def("isa", []() { return std::string(cpu_has_avx2() ? "avx2" : "scalar"); });
+}

@@ -1,0 +1,165 @@
+"""The decode kernels (``octomil.kernels.decode``) against MLX's own operations.
+
+SwiGLU and one-token attention are compared with MLX references computed another way (``nn.silu``
+and a masked softmax over each sequence's own keys) on shapes with row tails, every cache width
+the engine makes and lengths of 1 up to a full buffer; each sequence's result must not depend on
+the others in the call (batching stays exact).
+"""
+
+import octomil  # noqa: F401, I001  (loads OpenBLAS; must precede every mlx import)
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from octomil.kernels import decode
+
+ext = decode.extension()
+pytestmark = pytest.mark.skipif(ext is None, reason=f"{decode.status()}")
+TOL = dict(rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1536), (3, 1536), (2, 13), (1, 1, 7), (5, 64)])
+def test_swiglu_matches_silu_times_up(shape):
+    mx.random.seed(1)
+    gate = mx.random.normal(shape) * 6
+    up = mx.random.normal(shape)
+    assert mx.allclose(ext.swiglu(gate, up), nn.silu(gate) * up, **TOL)
+
+
+def test_swiglu_extremes():
+    gate = mx.array([[-1e4, -100.0, -88.5, -20.0, 0.0, 20.0, 88.5, 100.0, 1e4]])
+    up = mx.ones_like(gate)
+    out = ext.swiglu(gate, up)
+    assert mx.all(mx.isfinite(out)).item()
+    assert mx.allclose(out, nn.silu(gate), rtol=2e-6, atol=1e-30)
+
+
+def test_swiglu_row_does_not_depend_on_other_rows():
+    mx.random.seed(2)
+    gate, up = mx.random.normal((9, 37)) * 4, mx.random.normal((9, 37))
+    together = ext.swiglu(gate, up)
+    for r in range(9):
+        assert mx.array_equal(together[r : r + 1], ext.swiglu(gate[r : r + 1], up[r : r + 1]))
+
+
+def reference_attention(q, keys, values, length, scale):
+    """q (H, hd) against the first ``length`` rows of keys/values (1, KV, cap, hd)."""
+    heads, kv = q.shape[0], keys.shape[1]
+    k = mx.repeat(keys[0, :, :length], heads // kv, axis=0)  # (H, L, hd)
+    v = mx.repeat(values[0, :, :length], heads // kv, axis=0)
+    scores = (q[:, None, :] * scale) @ k.swapaxes(-1, -2)  # (H, 1, L)
+    return (mx.softmax(scores, axis=-1, precise=True) @ v)[:, 0]
+
+
+def step_inputs(lengths, caps, heads=9, kv=3, hd=64, seed=0):
+    """Queries, new rows and cache buffers holding ``length - 1`` rows (stale values past them)."""
+    mx.random.seed(seed)
+    n = len(lengths)
+    keys = [mx.random.normal((1, kv, c, hd)) for c in caps]
+    values = [mx.random.normal((1, kv, c, hd)) for c in caps]
+    for k, v, length in zip(keys, values, lengths, strict=True):
+        k[..., length - 1 :, :] = 1e30
+        v[..., length - 1 :, :] = math.nan
+    mx.eval(keys, values)
+    q, k_new, v_new = (mx.random.normal(s) for s in ((n, heads, hd), (n, kv, hd), (n, kv, hd)))
+    return q, k_new, v_new, keys, values
+
+
+def with_new_rows(buffers, rows, lengths):
+    out = []
+    for i, (b, length) in enumerate(zip(buffers, lengths, strict=True)):
+        b = mx.array(b)
+        b[0, :, length - 1, :] = rows[i]
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv,hd", [(9, 3, 64), (4, 2, 16), (4, 4, 12)])
+def test_attention_writes_the_rows_then_matches_masked_softmax(heads, kv, hd):
+    lengths, caps = [1, 7, 256, 300, 513], [256, 256, 256, 512, 768]
+    q, k_new, v_new, keys, values = step_inputs(lengths, caps, heads, kv, hd)
+    expected_k = with_new_rows(keys, k_new, lengths)
+    expected_v = with_new_rows(values, v_new, lengths)
+    out, *buffers = ext.decode_attention(q, k_new, v_new, keys, values, lengths, hd**-0.5)
+    n = len(lengths)
+    for i, length in enumerate(lengths):
+        rows = slice(0, length)
+        assert mx.array_equal(buffers[i][..., rows, :], expected_k[i][..., rows, :])
+        assert mx.array_equal(buffers[n + i][..., rows, :], expected_v[i][..., rows, :])
+        expected = reference_attention(q[i], expected_k[i], expected_v[i], length, hd**-0.5)
+        assert mx.allclose(out[i], expected, rtol=1e-5, atol=1e-5), (i, length)
+
+
+def test_attention_sequence_does_not_depend_on_neighbours():
+    lengths, caps = [5, 130, 257, 40], [256, 256, 512, 256]
+    q, k_new, v_new, keys, values = step_inputs(lengths, caps)
+    together = ext.decode_attention(q, k_new, v_new, keys, values, lengths, 0.125)[0]
+    for i in range(4):
+        one = slice(i, i + 1)
+        alone = ext.decode_attention(
+            q[one], k_new[one], v_new[one], [keys[i]], [values[i]], [lengths[i]], 0.125
+        )[0]
+        assert mx.array_equal(together[one], alone)
+
+
+def test_attention_reads_a_strided_buffer():
+    """A cache buffer that is a view (mlx-lm slices one when it grows) is copied, not misread."""
+    q, k_new, v_new, keys, values = step_inputs([3], [512])
+    view_k, view_v = keys[0][..., :256, :], values[0][..., :256, :]
+    out, k_out, _ = ext.decode_attention(q, k_new, v_new, [view_k], [view_v], [3], 0.125)
+    expected_k = with_new_rows([view_k], k_new, [3])[0]
+    expected_v = with_new_rows([view_v], v_new, [3])[0]
+    assert mx.array_equal(k_out[..., :3, :], expected_k[..., :3, :])
+    expected = reference_attention(q[0], expected_k, expected_v, 3, 0.125)
+    assert mx.allclose(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rejects_a_length_past_the_buffer():
+    q, k_new, v_new, keys, values = step_inputs([4], [256])
+    with pytest.raises(ValueError, match="does not fit"):
+        ext.decode_attention(q, k_new, v_new, keys, values, [257], 0.125)
+
+
+def test_disabled_turns_the_kernels_off():
+    with decode.disabled():
+        assert decode.extension() is None
+    assert decode.extension() is ext
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_decode_steps_take_the_kernels_on_plain_families(family, byte_tokenizer, monkeypatch):
+    """Regression guard: the batched decode path must reach the kernels (or the speed-up is
+    silently gone), and only on families whose attention they compute."""
+    from tiny_models import make_tiny_model, tiny_engine
+
+    from octomil.engine.scheduler import Scheduler, SchedulerConfig
+    from octomil.engine.types import GenerationRequest, SamplingParams
+
+    calls = {"attention": [], "swiglu": 0}
+    attention, swiglu = ext.decode_attention, ext.swiglu
+
+    def counting_attention(q, k, v, keys, values, lengths, scale):
+        calls["attention"].append(len(lengths))
+        return attention(q, k, v, keys, values, lengths, scale)
+
+    def counting_swiglu(gate, up):
+        calls["swiglu"] += 1
+        return swiglu(gate, up)
+
+    monkeypatch.setattr(ext, "decode_attention", counting_attention)
+    monkeypatch.setattr(ext, "swiglu", counting_swiglu)
+    engine = tiny_engine(make_tiny_model(family), byte_tokenizer)
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=3))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for prompt in ([1, 2, 3], [4, 5, 6, 7, 8], [9]):
+        scheduler.submit(engine.generate(GenerationRequest(tuple(prompt), params)))
+    while not scheduler.idle:
+        scheduler.step()
+
+    if family == "gemma":  # gelu MLP and its own attention: the family's code throughout
+        assert calls == {"attention": [], "swiglu": 0}
+    else:
+        assert 3 in calls["attention"] and calls["swiglu"] > 0
