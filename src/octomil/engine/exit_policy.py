@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from octomil.config import EarlyExitSettings
+from octomil.kernels import decode
 from octomil.models.anatomy import Anatomy
 
 # Candidate exits spread over [min_layers, total_layers): each one costs a head evaluation.
@@ -22,9 +23,7 @@ DEFAULT_EXIT_POINTS = 3
 
 def entropy_nats(logits: mx.array) -> mx.array:
     """Shannon entropy (nats) of softmax(logits) over the last axis."""
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -(mx.exp(logp) * logp).sum(axis=-1)
+    return decode.entropy(logits)
 
 
 def default_exit_layers(

@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
 
 from octomil.engine.types import SamplingParams
+from octomil.kernels import decode
 
 # Tokens of recent context the repetition penalty looks at (mlx-lm's default).
 REPETITION_CONTEXT = 20
@@ -45,7 +46,7 @@ class Sampler:
         """Lazily: (token (1,), log-softmax (1, vocab)); nothing is evaluated here."""
         if self._penalty is not None and history:
             logits = self._penalty(mx.array(history[-REPETITION_CONTEXT:]), logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - decode.logsumexp(logits)
         p = self.params
         if p.temperature <= 0.0:
             return mx.argmax(logprobs, axis=-1), logprobs

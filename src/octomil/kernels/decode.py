@@ -2,9 +2,9 @@
 
 MLX's Linux CPU backend computes ``exp`` one element at a time (~20-35 ns an element), so SiLU
 and attention's softmax grow with every row a decode step serves, and its attention costs ~20
-operations per sequence and layer. The extension's two primitives (a vectorised SwiGLU and one
-attention operation for all one-token sequences of a step) are what make batched decode steps
-cheap; see the C++ file for the invariant that keeps batching exact.
+operations per sequence and layer. The extension's primitives (a vectorised SwiGLU, one attention
+operation for all one-token sequences of a step, log-sum-exp and entropy over the vocabulary) are
+what make batched decode steps cheap; see the C++ file for the invariant that keeps batching exact.
 
 ``OCTOMIL_NO_DECODE_KERNELS=1`` turns them off (MLX's own operations, as stock mlx-lm);
 :func:`disabled` does so for a block (benchmarks compare both in one process). Without cmake, a
@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from types import ModuleType
+
+import mlx.core as mx
 
 _module: ModuleType | None = None
 _reason = ""
@@ -64,3 +66,21 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _off -= 1
+
+
+def logsumexp(x: mx.array) -> mx.array:
+    """``mx.logsumexp(x, axis=-1, keepdims=True)``, one vectorised pass when the kernels are on."""
+    ext = extension()
+    if ext is None or x.dtype != mx.float32:
+        return mx.logsumexp(x, axis=-1, keepdims=True)
+    return ext.logsumexp(x)[..., None]
+
+
+def entropy(x: mx.array) -> mx.array:
+    """Shannon entropy (nats) of ``softmax(x)`` over the last axis."""
+    ext = extension()
+    x = x.astype(mx.float32)
+    if ext is None:
+        logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+        return -(mx.exp(logp) * logp).sum(axis=-1)
+    return ext.entropy(x)

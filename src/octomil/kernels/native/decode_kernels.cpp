@@ -91,6 +91,67 @@ void swiglu_row_scalar(const float* g, const float* u, float* out, int n) {
   for (int i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// ---- log-sum-exp and entropy of a row of logits ----------------------------------------------
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+// (log-sum-exp, entropy in nats) of x[0..n): one pass of exps, the tail through the vector code.
+__attribute__((target("avx2,fma"))) void row_stats_avx2(const float* x, int n, float* lse,
+                                                        float* entropy) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+  alignas(32) float tail[8];
+  const int rest = n - i;
+  for (int t = 0; t < 8; ++t) tail[t] = t < rest ? x[i + t] : -INFINITY;
+  vmax = _mm256_max_ps(vmax, _mm256_load_ps(tail));
+  alignas(32) float l[8];
+  _mm256_store_ps(l, vmax);
+  float m = l[0];
+  for (int t = 1; t < 8; ++t) m = std::max(m, l[t]);
+  if (!std::isfinite(m)) {  // all -inf (or an inf/nan): let the reference formula decide
+    *lse = m;
+    *entropy = NAN;
+    return;
+  }
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps(), dot = _mm256_setzero_ps();
+  auto add = [&](__m256 v) __attribute__((target("avx2,fma"))) {
+    __m256 e = exp8(_mm256_sub_ps(v, vm));
+    sum = _mm256_add_ps(sum, e);
+    // e * x with x = -inf gives nan; e is 0 there, and so is its share of the entropy.
+    dot = _mm256_add_ps(dot, _mm256_and_ps(_mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_OQ),
+                                           _mm256_mul_ps(e, _mm256_sub_ps(v, vm))));
+  };
+  for (i = 0; i + 8 <= n; i += 8) add(_mm256_loadu_ps(x + i));
+  add(_mm256_load_ps(tail));
+  const float s = hsum8(sum), d = hsum8(dot);
+  *lse = m + std::log(s);
+  *entropy = std::log(s) - d / s;
+}
+
+void row_stats_scalar(const float* x, int n, float* lse, float* entropy) {
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
+  if (!std::isfinite(m)) {
+    *lse = m;
+    *entropy = NAN;
+    return;
+  }
+  float s = 0, d = 0;
+  for (int i = 0; i < n; ++i) {
+    float e = std::exp(x[i] - m);
+    s += e;
+    if (e != 0) d += e * (x[i] - m);
+  }
+  *lse = m + std::log(s);
+  *entropy = std::log(s) - d / s;
+}
+
 // ---- attention of one query head group against one sequence's cache ---------------------------
 
 struct AttentionJob {
@@ -302,6 +363,56 @@ class DecodeAttention : public mx::Primitive {
   int kv_heads_;
 };
 
+// Per row of logits: log-sum-exp (which = 0) or entropy in nats (which = 1).
+class RowStats : public mx::UnaryPrimitive {
+ public:
+  RowStats(mx::Stream stream, int which) : mx::UnaryPrimitive(stream), which_(which) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    require_row_contiguous(inputs);
+    const auto& x = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    const float* xp = x.data<float>();
+    float* op = out.data<float>();
+    const int n = static_cast<int>(x.shape(-1));
+    const size_t rows = x.size() / n;
+    encoder.dispatch([=, which = which_]() {
+      bool avx2 = cpu_has_avx2();
+      for (size_t r = 0; r < rows; ++r) {
+        float stats[2];
+        if (avx2)
+          row_stats_avx2(xp + r * n, n, &stats[0], &stats[1]);
+        else
+          row_stats_scalar(xp + r * n, n, &stats[0], &stats[1]);
+        op[r] = stats[which];
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[octomil_decode] CPU only");
+  }
+  const char* name() const override { return "OctomilRowStats"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return static_cast<const RowStats&>(other).which_ == which_;
+  }
+
+ private:
+  int which_;
+};
+
+mx::array row_stats(const mx::array& x, int which) {
+  auto s = mx::to_stream(std::monostate{});
+  require_f32(x);
+  if (x.ndim() < 1 || x.shape(-1) < 1) throw std::invalid_argument("[octomil_decode] empty rows");
+  auto shape = x.shape();
+  shape.pop_back();
+  return mx::array(shape, mx::float32, std::make_shared<RowStats>(s, which),
+                   {mx::contiguous(x, false, s)});
+}
+
 mx::array swiglu(const mx::array& gate, const mx::array& up) {
   auto s = mx::to_stream(std::monostate{});
   if (gate.shape() != up.shape()) throw std::invalid_argument("[octomil_decode] shapes differ");
@@ -360,5 +471,9 @@ NB_MODULE(_octomil_decode, m) {
         nb::arg("keys"), nb::arg("values"), nb::arg("lengths"), nb::arg("scale"),
         "Write each sequence's new key/value row, then attend its query to its own cache: "
         "[attention, updated keys..., updated values...].");
+  m.def("logsumexp", [](const mx::array& x) { return row_stats(x, 0); }, nb::arg("x"),
+        "log-sum-exp over the last axis (the axis removed).");
+  m.def("entropy", [](const mx::array& x) { return row_stats(x, 1); }, nb::arg("x"),
+        "Shannon entropy (nats) of softmax(x) over the last axis (the axis removed).");
   m.def("isa", []() { return std::string(cpu_has_avx2() ? "avx2" : "scalar"); });
 }
