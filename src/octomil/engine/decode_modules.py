@@ -1,23 +1,20 @@
-"""A decode step's attention and MLP through the decode kernels (``octomil.kernels.decode``).
+"""A decode step's attention for all its one-token sequences in one kernel call.
 
 On this CPU a decode step of B sequences is not bound by its matrix products once they read the
 weights once for all rows (``octomil.engine.ragged``): it is bound by MLX's element-at-a-time
 ``exp`` (SiLU, softmax) and by the ~20 operations per sequence and layer of the family's own
 attention code (reshapes, RoPE, cache update, the fallback attention of a CPU without an SDPA
 kernel). Measured on the embedded model at 16 sequences: SiLU ~60 ms and attention ~100 ms of a
-~250 ms step. Here, for plain families (mlx-lm's Llama/Mistral and Qwen2 modules with table RoPE
-and plain ``KVCache`` caches):
-
-- the MLP's SwiGLU is one vectorised kernel for all rows of the step;
-- the one-token sequences of a step share their attention: RoPE rotates all rows at once with
-  each row's own angles (``RopeTables.rows``), each sequence writes its key and value into its own
-  cache, and one kernel attends every query to its own sequence's cache.
+~250 ms step (SiLU runs on the kernels through ``octomil.models.kernel_modules``). Here, for plain
+families (``kernel_modules.PLAIN_ATTENTION`` with table RoPE and plain ``KVCache`` caches), the
+one-token sequences of a step share their attention: RoPE rotates all rows at once with each row's
+own angles (``RopeTables.rows``), and one kernel call writes each sequence's new key and value
+into its own cache and attends every query to its own sequence's cache.
 
 Invariant: the kernels compute every row and every sequence with the same code whatever shares
 the call, and every decode step goes through here (alone too), so batching never changes a
 sequence's output. Against stock mlx-lm the numbers differ by float rounding (the kernels' own
 exp and summation order; ~1e-6 relative), which decides no greedy token in the parity tests.
-Prefill keeps the family's own code, bit for bit stock mlx-lm.
 """
 
 from __future__ import annotations
@@ -27,14 +24,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama, qwen2
 from mlx_lm.models.cache import KVCache
 
 from octomil.kernels import decode
+from octomil.models.kernel_modules import PLAIN_ATTENTION
 from octomil.models.rope_table import TableRoPE, rotate
-
-_PLAIN_ATTENTION = (llama.Attention, qwen2.Attention)
-_SWIGLU_MLP = (llama.MLP, qwen2.MLP)
 
 
 def eligible(attention: nn.Module, rows: int, cache: Any) -> bool:
@@ -42,7 +36,7 @@ def eligible(attention: nn.Module, rows: int, cache: Any) -> bool:
     return (
         rows == 1
         and type(cache) is KVCache
-        and type(attention) in _PLAIN_ATTENTION
+        and isinstance(attention, PLAIN_ATTENTION)
         and isinstance(attention.rope, TableRoPE)
         and decode.extension() is not None
     )
@@ -96,25 +90,3 @@ def _reserve_row(cache: KVCache, kv_heads: int, k_dim: int, v_dim: int) -> None:
     keys, values = cache.keys[..., :prev, :], cache.values[..., :prev, :]
     cache.keys = mx.concatenate([keys, new_k], axis=2)
     cache.values = mx.concatenate([values, new_v], axis=2)
-
-
-class _KernelMLP(nn.Module):
-    """Stands in for a SwiGLU MLP for one call: the same products, the kernel's SwiGLU."""
-
-    def __init__(self, mlp: nn.Module, swiglu: Any) -> None:
-        super().__init__()
-        self._mlp = mlp
-        self._swiglu = swiglu
-
-    def __call__(self, x: mx.array) -> mx.array:
-        m = self._mlp
-        return m.down_proj(self._swiglu(m.gate_proj(x), m.up_proj(x)))
-
-
-def kernel_mlp(layer: nn.Module) -> nn.Module | None:
-    """The stand-in for ``layer.mlp`` in a decode step, or None (keep the family's own)."""
-    mlp = getattr(layer, "mlp", None)
-    ext = decode.extension()
-    if type(mlp) not in _SWIGLU_MLP or ext is None:
-        return None
-    return _KernelMLP(mlp, ext.swiglu)

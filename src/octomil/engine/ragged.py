@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from octomil.engine.decode_modules import attend, eligible, kernel_mlp
+from octomil.engine.decode_modules import attend, eligible
 
 _INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
 
@@ -151,19 +151,6 @@ def run_layer(
             shifted = [Segment(s.start - start, s.stop - start, s.cache, s.mask) for s in group]
             pieces.append(run_layer(layer, h[:, start : group[-1].stop], shifted))
         return mx.concatenate(pieces, axis=1)
-    mlp = kernel_mlp(layer)
-    if mlp is None:
-        return _run_attention(layer, h, segments)
-    original = layer.mlp
-    layer["mlp"] = mlp
-    try:
-        return _run_attention(layer, h, segments)
-    finally:
-        layer["mlp"] = original
-
-
-def _run_attention(layer: nn.Module, h: mx.array, segments: Sequence[Segment]) -> mx.array:
-    """``layer`` over the segments' rows with each sequence's attention kept to its own cache."""
     attention = getattr(layer, "self_attn", None)
     if len(segments) == 1:
         seg = segments[0]

@@ -152,6 +152,44 @@ void row_stats_scalar(const float* x, int n, float* lse, float* entropy) {
   *entropy = std::log(s) - d / s;
 }
 
+// softmax of x[0..valid) into out[0..n), zeros past valid (a causal row); tail via vector code.
+__attribute__((target("avx2,fma"))) void causal_softmax_row_avx2(const float* x, float* out, int n,
+                                                                 int valid) {
+  float m = -INFINITY;
+  for (int i = 0; i < valid; ++i) m = std::max(m, x[i]);
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= valid; i += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    _mm256_storeu_ps(out + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (i < valid) {
+    alignas(32) float t[8];
+    for (int j = 0; j < 8; ++j) t[j] = i + j < valid ? x[i + j] : -INFINITY;
+    __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(t), vm));
+    _mm256_store_ps(t, e);
+    sum = _mm256_add_ps(sum, e);
+    std::memcpy(out + i, t, (valid - i) * sizeof(float));
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum));
+  for (i = 0; i + 8 <= valid; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inv));
+  const float inv1 = _mm256_cvtss_f32(inv);
+  for (; i < valid; ++i) out[i] *= inv1;
+  for (i = valid; i < n; ++i) out[i] = 0.0f;
+}
+
+void causal_softmax_row_scalar(const float* x, float* out, int n, int valid) {
+  float m = -INFINITY;
+  for (int i = 0; i < valid; ++i) m = std::max(m, x[i]);
+  float s = 0;
+  for (int i = 0; i < valid; ++i) s += (out[i] = std::exp(x[i] - m));
+  const float inv = 1.0f / s;
+  for (int i = 0; i < valid; ++i) out[i] *= inv;
+  for (int i = valid; i < n; ++i) out[i] = 0.0f;
+}
+
 // ---- attention of one query head group against one sequence's cache ---------------------------
 
 struct AttentionJob {
@@ -363,6 +401,54 @@ class DecodeAttention : public mx::Primitive {
   int kv_heads_;
 };
 
+// Softmax over the last axis of (..., T, S) scores where row t may see columns 0..offset+t.
+class CausalSoftmax : public mx::UnaryPrimitive {
+ public:
+  CausalSoftmax(mx::Stream stream, int offset) : mx::UnaryPrimitive(stream), offset_(offset) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    require_row_contiguous(inputs);
+    const auto& x = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    const float* xp = x.data<float>();
+    float* op = out.data<float>();
+    const int n = static_cast<int>(x.shape(-1)), rows_per_block = static_cast<int>(x.shape(-2));
+    const size_t rows = x.size() / n;
+    encoder.dispatch([=, offset = offset_]() {
+      bool avx2 = cpu_has_avx2();
+      for (size_t r = 0; r < rows; ++r) {
+        int valid = std::min(n, offset + static_cast<int>(r % rows_per_block) + 1);
+        if (avx2)
+          causal_softmax_row_avx2(xp + r * n, op + r * n, n, valid);
+        else
+          causal_softmax_row_scalar(xp + r * n, op + r * n, n, valid);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[octomil_decode] CPU only");
+  }
+  const char* name() const override { return "OctomilCausalSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return static_cast<const CausalSoftmax&>(other).offset_ == offset_;
+  }
+
+ private:
+  int offset_;
+};
+
+mx::array causal_softmax(const mx::array& x, int offset) {
+  auto s = mx::to_stream(std::monostate{});
+  require_f32(x);
+  if (x.ndim() < 2 || offset < 0 || x.shape(-1) < offset + 1)
+    throw std::invalid_argument("[octomil_decode] causal_softmax: scores (..., T, S), S > offset");
+  return mx::array(x.shape(), mx::float32, std::make_shared<CausalSoftmax>(s, offset),
+                   {mx::contiguous(x, false, s)});
+}
+
 // Per row of logits: log-sum-exp (which = 0) or entropy in nats (which = 1).
 class RowStats : public mx::UnaryPrimitive {
  public:
@@ -475,5 +561,7 @@ NB_MODULE(_octomil_decode, m) {
         "log-sum-exp over the last axis (the axis removed).");
   m.def("entropy", [](const mx::array& x) { return row_stats(x, 1); }, nb::arg("x"),
         "Shannon entropy (nats) of softmax(x) over the last axis (the axis removed).");
+  m.def("causal_softmax", &causal_softmax, nb::arg("x"), nb::arg("offset"),
+        "softmax over the last axis of (..., T, S); row t sees columns 0..offset+t (zeros after).");
   m.def("isa", []() { return std::string(cpu_has_avx2() ? "avx2" : "scalar"); });
 }
