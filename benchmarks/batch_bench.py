@@ -9,6 +9,9 @@ same run, interleaved round by round:
 - ``exit_row`` / ``exit_batch``: early exit on the raw shared head (``--exit-policy lens``, the
   balanced preset: the only setting that exits on the embedded model) with each exit rule: a row
   leaves alone ("row") or only when every row of the batch is confident ("batch");
+- ``full_mlx_ops``: Octomil at full depth with its kernels off (``octomil.kernels.decode``:
+  SwiGLU, attention, softmax and vocabulary reductions in MLX's own operations), to show what the
+  kernels are worth;
 - ``stock``: stock mlx-lm's ``batch_generate`` on the same fp32 weights with Octomil's few-row
   route switched off (stock MLX), its own reported generation tok/s.
 
@@ -33,6 +36,7 @@ from octomil.config import resolve_early_exit
 from octomil.engine.engine import Engine
 from octomil.engine.scheduler import Scheduler, SchedulerConfig
 from octomil.engine.types import GenerationRequest, SamplingParams
+from octomil.kernels import decode
 from octomil.models.loader import load_stock_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [engine.encode_chat([{"role": "user", "content": t}]) for t in texts]
     prompts = (prompts * (max(sizes) // len(prompts) + 1))[: max(sizes)]
     stock = load_stock_model(engine.loaded)
-    configs = ["full", "exit_row", "exit_batch", "stock"]
+    configs = ["full", "full_mlx_ops", "exit_row", "exit_batch", "stock"]
 
     octomil_run(engine, prompts[:2], 4, "full")  # warm-up: compiled kernels, tables
     results: dict[str, dict[int, list[dict]]] = {c: {b: [] for b in sizes} for c in configs}
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
             for config in order:
                 if config == "stock":
                     run = stock_run(stock, engine, prompts[:b], tokens)
+                elif config == "full_mlx_ops":
+                    with decode.disabled():
+                        run = octomil_run(engine, prompts[:b], tokens, "full")
                 else:
                     run = octomil_run(engine, prompts[:b], tokens, config)
                 results[config][b].append(run)
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
             summary[config][b] = entry
     one = summary["full"][sizes[0]]["tok_s"]
     for b in sizes:
+        summary["full"][b]["vs_kernels_off"] = round(
+            summary["full"][b]["tok_s"] / summary["full_mlx_ops"][b]["tok_s"], 2
+        )
         summary["full"][b]["vs_batch_1"] = round(summary["full"][b]["tok_s"] / one, 2)
         summary["full"][b]["vs_stock"] = round(
             summary["full"][b]["tok_s"] / summary["stock"][b]["tok_s"], 2
@@ -157,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg()[0],
             "blas": octomil.blas.describe(),
+            "kernels": decode.status(),
             "commit": git_commit(),
         },
         "tokens_per_sequence": tokens,
@@ -178,6 +189,7 @@ def plot(summary: dict, sizes: list[int], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     labels = {
         "full": "Octomil full depth",
+        "full_mlx_ops": "Octomil full depth, kernels off (MLX ops)",
         "exit_row": "Octomil early exit (lens, balanced), row rule",
         "exit_batch": "Octomil early exit (lens, balanced), batch rule",
         "stock": "stock mlx-lm batch_generate",

@@ -102,7 +102,9 @@ def test_sigterm_lets_a_short_request_finish() -> None:
         async def main() -> httpx.Response:
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c:
                 task = asyncio.create_task(c.post("/v1/chat/completions", json=_chat("Hi", 24)))
-                await asyncio.sleep(0.3)
+                # Signal once the request is admitted (a fixed sleep raced a busy machine).
+                while not task.done() and (await c.get("/health")).json()["requests_running"] < 1:
+                    await asyncio.sleep(0.02)
                 srv.proc.send_signal(signal.SIGTERM)
                 return await task
 
