@@ -55,6 +55,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     arrival = time.perf_counter()
     state = serving.get_state(raw)
     serving.check_model(state, body.model)
+    serving.check_messages(state, len(body.messages))
     if body.response_format is not None and body.response_format.type != "text":
         # Not enforced yet: accepting it would promise JSON the model may not produce.
         raise APIError(
