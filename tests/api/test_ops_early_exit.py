@@ -6,6 +6,8 @@ embedded model (its calibrated policy places no check: presets serve full depth 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from conftest import MODEL, ServerProcess
@@ -17,6 +19,7 @@ ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 SERVER_ARGS = (
     *("--exit-policy", "lens", "--speed-quality", "balanced"),
     *("--api-key", KEY, "--admin-key", ADMIN),
+    *("--policy-file", str(Path(__file__).parents[2] / "configs" / "exit-policy.example.yaml")),
 )
 MSG = [{"role": "user", "content": "Write one sentence about the sea."}]
 
@@ -98,3 +101,19 @@ def test_a_more_aggressive_client_override_is_capped_at_the_ceiling(server: Serv
     # More conservative than the ceiling is the client's right.
     careful = _chat(server, early_exit={"speed_quality": "quality"})["usage"]["early_exit"]
     assert careful["min_layers_used"] >= 23  # 75% of 30 layers
+
+
+def test_task_classes_pick_their_preset(server: ServerProcess) -> None:
+    default = _chat(server)["usage"]["early_exit"]
+    assert default["early_exit_tokens"] > 0
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": MSG, "max_tokens": 12, "temperature": 0},
+        headers={**AUTH, "X-Octomil-Task": "json"},
+        timeout=60,
+    )
+    json_task = r.json()["usage"]["early_exit"]
+    assert (json_task["early_exit_tokens"], json_task["min_layers_used"]) == (0, 30)
+    code = _chat(server, task="code")["usage"]["early_exit"]  # quality: 75% of 30 layers
+    assert code["min_layers_used"] >= 23
+    assert _chat(server, task="poetry")["usage"]["early_exit"] == default  # unknown: default

@@ -239,10 +239,30 @@ def _exits(
             if decision.entropy is not None:
                 g.entropy = decision.entropy
             decided.append((g, decision))
-    leaving = [(g, d) for g, d in decided if d.exit]
+    leaving = _keep_class_tokens([(g, d) for g, d in decided if d.exit])
     if exit_rule == "batch" and len(leaving) < len(active):
         return []
     return leaving
+
+
+def _keep_class_tokens(
+    leaving: list[tuple[_Group, ExitDecision]],
+) -> list[tuple[_Group, ExitDecision]]:
+    """Drop the rows whose exit prediction is a never-exit token (``engine.token_classes``):
+    they continue to full depth. One gather and one sync for all masked rows."""
+    masked = [
+        (g, d) for g, d in leaving if g.policy is not None and g.policy.never_exit is not None
+    ]
+    if not masked:
+        return leaving
+    logits = mx.concatenate([d.logits for _, d in masked], axis=0)  # type: ignore[misc]
+    predicted = mx.argmax(logits, axis=-1)
+    hits = [
+        bool(g.policy.never_exit[t].item())  # type: ignore[union-attr, index]
+        for (g, _), t in zip(masked, predicted.tolist(), strict=True)
+    ]
+    stay = {id(g) for (g, _), hit in zip(masked, hits, strict=True) if hit}
+    return [(g, d) for g, d in leaving if id(g) not in stay]
 
 
 def _as_input(token: int | mx.array) -> mx.array:

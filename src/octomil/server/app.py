@@ -45,7 +45,11 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         metrics.batch.record_step(out.batch_size, out.prefill_tokens, c.kv_tokens_reserved)
 
     client.on_step = on_step
-    control = ExitControl(settings, allow_aggressive=options.allow_aggressive_overrides)
+    control = ExitControl(
+        settings,
+        allow_aggressive=options.allow_aggressive_overrides,
+        task_presets=dict(options.task_presets),
+    )
 
     def export(c: ExitControl) -> None:
         metrics.set_enabled(c.enabled, c.reason)

@@ -63,6 +63,7 @@ class ServeFlags:
     request_timeout: float | None = None
     log_format: str = "text"
     allow_aggressive_overrides: bool = False
+    policy_file: str | None = None
 
     def check(self) -> None:
         """Every check that needs no model; raises ConfigError naming the flag."""
@@ -104,6 +105,10 @@ class ServeFlags:
             Rate.parse(self.rate_limit)
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.policy_file is not None:
+            from octomil.policy_file import load_policy_file
+
+            load_policy_file(self.policy_file)
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ConfigError("--admin-key must differ from every API key")
 
@@ -279,6 +284,14 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug, trace.")
     ] = "info",
+    policy_file: Annotated[
+        str | None,
+        typer.Option(
+            help="YAML exit policies: task classes -> presets, token classes that never exit "
+            "early (see configs/exit-policy.example.yaml).",
+            envvar="OCTOMIL_POLICY_FILE",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
@@ -299,6 +312,7 @@ def serve(
             request_timeout=request_timeout,
             log_format=log_format.lower(),
             allow_aggressive_overrides=allow_aggressive_overrides,
+            policy_file=policy_file,
             max_concurrency=max_concurrency,
             max_batch_size=max_batch_size,
             max_prefill_tokens_per_step=max_prefill_tokens_per_step,
@@ -348,6 +362,7 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
     import uvicorn
 
     from octomil.engine.engine import Engine
+    from octomil.policy_file import PolicyFile, load_policy_file
     from octomil.server.app import create_app
     from octomil.server.draining import DrainingServer
     from octomil.server.engine_client import EngineClient
@@ -355,13 +370,17 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
     from octomil.server.request_context import log_config
     from octomil.server.serving import ServeOptions
 
+    policy = load_policy_file(flags.policy_file) if flags.policy_file else PolicyFile()
+
+    def load() -> Engine:
+        engine = Engine.load(
+            flags.model, dtype=flags.dtype, early_exit=flags.settings, exit_policy=flags.exit_policy
+        )
+        engine.set_never_exit(policy.never_exit)
+        return engine
+
     client = EngineClient(
-        lambda: Engine.load(
-            flags.model,
-            dtype=flags.dtype,
-            early_exit=flags.settings,
-            exit_policy=flags.exit_policy,
-        ),
+        load,
         max_concurrency=flags.max_concurrency,
         max_batch_size=flags.max_batch_size,
         max_kv_tokens=flags.max_kv_tokens or "auto",
@@ -405,6 +424,7 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
         max_messages=flags.max_messages,
         request_timeout=flags.request_timeout,
         allow_aggressive_overrides=flags.allow_aggressive_overrides,
+        task_presets=policy.tasks,
         max_concurrency=flags.max_concurrency,
         telemetry_headers=flags.telemetry_headers,
         default_max_tokens=flags.default_max_tokens,

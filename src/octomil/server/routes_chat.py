@@ -65,7 +65,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             param="response_format",
             code="unsupported_value",
         )
-    early_exit = serving.early_exit_settings(state, body.early_exit)
+    early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
     # "developer" is the newer name of "system"; chat templates know only the latter.
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}

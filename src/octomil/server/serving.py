@@ -61,6 +61,7 @@ class ServeOptions:
     request_timeout: float | None = None
     # Early-exit operation (octomil.server.exit_control).
     allow_aggressive_overrides: bool = False
+    task_presets: dict[str, EarlyExitSettings] = field(default_factory=dict)
 
     @property
     def keys(self) -> KeyRing:
@@ -106,6 +107,11 @@ def early_exit_settings(
     if resolved.capped:
         logger.info("early_exit override capped at the server's ceiling: %s", resolved.settings)
     return resolved.settings
+
+
+def task(field: str | None, raw: Request) -> str | None:
+    """The request's task class: its ``task`` field, else the ``X-Octomil-Task`` header."""
+    return field or raw.headers.get("x-octomil-task") or None
 
 
 def _requested(
