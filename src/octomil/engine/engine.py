@@ -67,6 +67,7 @@ class Engine:
         # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
         self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
         self.never_exit: mx.array | None = None  # set_never_exit
+        self.shadow_rate = 0.0  # share of early exits compared with full depth (engine.shadow)
 
     def set_never_exit(self, classes: NeverExit) -> None:
         """Tokens of ``classes`` are never emitted from an early exit (``token_classes``)."""
@@ -234,7 +235,12 @@ class Engine:
             raise EngineInputError(f"prompt token ids out of range: {bad[:5]}", param="prompt")
         model = self.loaded.model
         anatomy = self.loaded.anatomy
-        loop = LayerLoop(anatomy, model) if anatomy is not None else FullDepthLoop(model)
+        loop: LayerLoop | FullDepthLoop
+        if anatomy is not None:
+            loop = LayerLoop(anatomy, model)
+            loop.shadow.rate = self.shadow_rate
+        else:
+            loop = FullDepthLoop(model)
         return Generation(
             loop,
             prompt,

@@ -19,6 +19,7 @@ from octomil.blas import route
 from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
 from octomil.engine.ragged import Segment, run_layer
+from octomil.engine.shadow import ShadowBook
 from octomil.models.anatomy import Anatomy
 
 # Same chunking as mlx_lm.generate_step, so full-depth prefill matches stock mlx-lm bit for bit.
@@ -50,6 +51,7 @@ class LayerLoop:
         self.cache = make_prompt_cache(model)
         self.pending: list[PendingRow] = []
         self.position = 0  # number of tokens fed so far
+        self.shadow = ShadowBook()
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +107,7 @@ class LayerLoop:
                     h, rows = _merge_rows(h, rows, joining)
                 h = self.anatomy.layers[i](h, self._mask(h, i), self.cache[i])
             self.pending = []
+        self.shadow.drop_unfinished()
         mx.eval([c.state for c in self.cache])
 
 
@@ -176,6 +179,8 @@ def decode_batch(
                     for k, pos in enumerate(g.positions)
                 ]
                 results[g.index] = StepResult(decision.logits, i + 1, g.entropy, exited=True)
+                assert decision.logits is not None
+                g.loop.shadow.sample(g.positions[-1], i + 1, decision.logits)
             gone = {id(g) for g, _ in leaving}
             kept = [(g, s) for g, s in zip(active, segments, strict=True) if id(g) not in gone]
             if not kept:
@@ -192,6 +197,7 @@ def decode_batch(
         cap = max_rows or len(active)
         pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+    _shadow_compare(anatomy, h, active)
     measured = any(inputs[g.index].policy is not None for g in active)
     entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
     for k, g in enumerate(active):
@@ -199,6 +205,28 @@ def decode_batch(
         entropy = entropies[k] if inputs[g.index].policy is not None else g.entropy
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
+
+
+def _shadow_compare(anatomy: Anatomy, h: mx.array, active: list[_Group]) -> None:
+    """Rows of sampled exits that reached the last layer: one head product apart from the
+    step's logits gives their full-depth predictions (``engine.shadow``)."""
+    rows, owners = [], []
+    start = 0
+    for g in active:
+        book = g.loop.shadow
+        if book.probes:
+            mine = [(start + k, pos) for k, pos in enumerate(g.positions) if pos in book.probes]
+            if mine:
+                rows += [r for r, _ in mine]
+                owners.append((book, [pos for _, pos in mine]))
+        start += len(g.positions)
+    if not rows:
+        return
+    logits = anatomy.logits(h[0, mx.array(rows)])
+    at = 0
+    for book, positions in owners:
+        book.compare(positions, logits[at : at + len(positions)])
+        at += len(positions)
 
 
 def _join_rows(h: mx.array, active: list[_Group], layer: int) -> mx.array:
