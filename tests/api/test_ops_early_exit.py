@@ -25,7 +25,7 @@ MSG = [{"role": "user", "content": "Write one sentence about the sea."}]
 
 
 def _chat(server: ServerProcess, **body: object) -> dict:
-    payload = {"model": MODEL, "messages": MSG, "max_tokens": 12, "temperature": 0, **body}
+    payload = {"model": MODEL, "messages": MSG, "max_tokens": 8, "temperature": 0, **body}
     r = httpx.post(f"{server.base_url}/v1/chat/completions", json=payload, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
@@ -108,7 +108,7 @@ def test_task_classes_pick_their_preset(server: ServerProcess) -> None:
     assert default["early_exit_tokens"] > 0
     r = httpx.post(
         f"{server.base_url}/v1/chat/completions",
-        json={"model": MODEL, "messages": MSG, "max_tokens": 12, "temperature": 0},
+        json={"model": MODEL, "messages": MSG, "max_tokens": 8, "temperature": 0},
         headers={**AUTH, "X-Octomil-Task": "json"},
         timeout=60,
     )

@@ -31,7 +31,9 @@ def test_resolve_applies_ceiling_kill_switch_and_fallback_in_order() -> None:
     assert control.resolve(QUALITY).settings == FULL_DEPTH
     control.change("admin", enabled=True)
     control.set_fallback(True, "drift")
-    assert control.resolve(None, "code").settings == FULL_DEPTH
+    # The fallback serves full depth in observe mode: exits decided, not taken, still checked.
+    observed = control.resolve(None, "code").settings
+    assert observed.observe and (observed.threshold, observed.preset) == (0.1, QUALITY.preset)
     control.set_fallback(False, "recovered")
     assert seen == ["admin_off", "configured", "drift_fallback", "configured"]
     assert [c.by for c in control.history] == ["admin", "admin", "drift-alarm", "drift-alarm"]

@@ -60,3 +60,20 @@ def test_shadow_rate_checks_that_share_of_exits(byte_tokenizer) -> None:
     half = [[r for e in evs for r in e.shadow] for evs in _serve(engine, 0.5)]
     assert sum(map(len, every)) >= 4
     assert half == [results[1::2] for results in every]
+
+
+def test_observe_mode_serves_full_depth_and_still_checks(byte_tokenizer) -> None:
+    """The drift fallback's mode: exits are decided, never taken; would-be exits are checked."""
+    engine = tiny_engine(sharpen(make_tiny_model("llama")), byte_tokenizer, early_exit=EXIT_ON)
+    engine.shadow_rate = 1.0
+    observe = EarlyExitSettings(1.0, 0.25, observe=True)
+    params = SamplingParams(max_tokens=16)
+    for prompt in PROMPTS:
+        full = list(engine.generate(GenerationRequest(prompt, params, EarlyExitSettings())))
+        seen = list(engine.generate(GenerationRequest(prompt, params, observe)))
+        assert [e.token_id for e in seen] == [e.token_id for e in full]
+        assert all(e.layers_used == engine.total_layers and not e.exited_early for e in seen)
+        # Every token would have exited (threshold 1.0): each is checked, in the same step.
+        results = [r for e in seen for r in e.shadow]
+        assert len(results) >= len(seen) - 1
+        assert {layer for layer, _ in results} <= set(engine.policy_for(EXIT_ON).exit_layers)

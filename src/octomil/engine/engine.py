@@ -165,7 +165,16 @@ class Engine:
             )
         if policy is not None and self.never_exit is not None:
             policy = dataclasses.replace(policy, never_exit=self.never_exit)
+        if policy is not None and settings.observe:
+            policy = dataclasses.replace(policy, observe=True)
         return policy
+
+    def disagreement_budget(self, settings: EarlyExitSettings) -> float | None:
+        """The calibrated policy's budget of disagreement with full depth for ``settings``."""
+        bundle = self.exit_choice.bundle
+        if bundle is None or not settings.enabled or not bundle.manifest.presets:
+            return None
+        return bundle.placement(settings).budget
 
     def default_kv_budget(self, memory_fraction: float = 0.4) -> int:
         """KV cache positions that fit ``memory_fraction`` of this machine's memory."""

@@ -67,6 +67,7 @@ class ExitPolicy:
     total_layers: int
     # (vocab,) bool: a row whose exit prediction is one of these tokens stays (token_classes).
     never_exit: mx.array | None = field(default=None, compare=False, repr=False)
+    observe: bool = False  # decide, never leave (engine.shadow)
 
     @classmethod
     def from_settings(

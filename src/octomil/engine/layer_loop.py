@@ -171,6 +171,8 @@ def decode_batch(
             start += n
         h = run_layer(anatomy.layers[i], h, segments, max_rows)
         leaving = _exits(anatomy, h, active, segments, i + 1, exit_rule)
+        if leaving and any(g.policy is not None and g.policy.observe for g, _ in leaving):
+            leaving = _observe(leaving, i + 1)
         if leaving:
             for g, decision in leaving:
                 seg = segments[active.index(g)]
@@ -205,6 +207,21 @@ def decode_batch(
         entropy = entropies[k] if inputs[g.index].policy is not None else g.entropy
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
+
+
+def _observe(
+    leaving: list[tuple[_Group, ExitDecision]], depth: int
+) -> list[tuple[_Group, ExitDecision]]:
+    """Observing policies keep their rows: a would-be exit is only shadow-checked (its row is
+    compared at the last layer of this same step)."""
+    kept = []
+    for g, decision in leaving:
+        if g.policy is not None and g.policy.observe:
+            assert decision.logits is not None
+            g.loop.shadow.sample(g.positions[-1], depth, decision.logits)
+        else:
+            kept.append((g, decision))
+    return kept
 
 
 def _shadow_compare(anatomy: Anatomy, h: mx.array, active: list[_Group]) -> None:

@@ -13,6 +13,11 @@ Which exits are checked is decided by a per-sequence credit (``rate`` per exit),
 0.02 checks exactly every 50th exit of a sequence and tests can use 1.0 for all of them. A check
 whose row never reaches the last layer (the sequence ended first) is dropped, not guessed.
 
+Observe mode (``EarlyExitSettings.observe``, used while the drift alarm's fallback serves full
+depth): the exit decision is made but not taken; the token's own row reaches the last layer in the
+same step and is compared there. Every token is then full depth, and the drift alarm still sees
+how the policy *would* do, so it can tell when the rate has recovered.
+
 Invariant: shadow work reads hidden states only; it never writes the cache and never changes a
 row, a product the step's tokens come from, or the order of anything.
 """
@@ -42,8 +47,8 @@ class ShadowBook:
 
     def sample(self, position: int, exit_layer: int, logits: mx.array) -> None:
         """An exit at ``position``: check it when its row reaches the last layer, maybe."""
-        if self.rate <= 0.0:
-            return
+        if self.rate <= 0.0 or position in self.probes:
+            return  # observing: only a token's first would-be exit counts
         self.credit += self.rate
         if self.credit >= 1.0:
             self.credit -= 1.0

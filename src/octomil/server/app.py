@@ -20,6 +20,7 @@ from octomil.config import EarlyExitSettings
 from octomil.engine.scheduler import StepOutput
 from octomil.server import routes_admin, routes_chat, routes_completions, routes_misc
 from octomil.server.access import AccessMiddleware
+from octomil.server.drift import DriftAlarm, ShadowMetrics, default_budget
 from octomil.server.engine_client import EngineClient, EngineLike
 from octomil.server.errors import install_error_handlers
 from octomil.server.exit_control import ExitControl
@@ -56,6 +57,25 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         metrics.threshold.set((c.default.threshold or 0.0) if c.enabled else 0.0)
 
     control.listeners.append(export)
+    drift = None
+    if options.shadow_rate > 0:
+        engine.shadow_rate = options.shadow_rate  # type: ignore[union-attr]
+        budget = getattr(engine, "disagreement_budget", lambda s: None)
+
+        def budget_of(s: EarlyExitSettings) -> float:
+            if options.drift_budget is not None:
+                return options.drift_budget
+            calibrated = budget(s)
+            return default_budget(s) if calibrated is None else calibrated
+
+        drift = DriftAlarm(
+            control,
+            ShadowMetrics(metrics.registry, engine.model_id),
+            budget_of,
+            window=options.drift_window,
+            margin=options.drift_margin,
+            auto_fallback=options.auto_fallback,
+        )
     return ServingState(
         engine=engine,
         client=client,
@@ -64,6 +84,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         options=options,
         default_early_exit=settings,
         control=control,
+        drift=drift,
     )
 
 

@@ -64,6 +64,11 @@ class ServeFlags:
     log_format: str = "text"
     allow_aggressive_overrides: bool = False
     policy_file: str | None = None
+    shadow_rate: float = 0.0
+    auto_fallback: bool = False
+    drift_window: int = 200
+    drift_margin: float = 0.05
+    drift_budget: float | None = None
 
     def check(self) -> None:
         """Every check that needs no model; raises ConfigError naming the flag."""
@@ -105,6 +110,16 @@ class ServeFlags:
             Rate.parse(self.rate_limit)
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if not 0.0 <= self.shadow_rate <= 1.0:
+            raise ConfigError(f"--shadow-rate must be within [0, 1], got {self.shadow_rate}")
+        if self.auto_fallback and self.shadow_rate == 0.0:
+            raise ConfigError("--auto-fallback needs shadow checks: set --shadow-rate")
+        if self.drift_window < 1:
+            raise ConfigError(f"--drift-window must be >= 1, got {self.drift_window}")
+        if not 0.0 <= self.drift_margin <= 1.0:
+            raise ConfigError(f"--drift-margin must be within [0, 1], got {self.drift_margin}")
+        if self.drift_budget is not None and not 0.0 <= self.drift_budget <= 1.0:
+            raise ConfigError(f"--drift-budget must be within [0, 1], got {self.drift_budget}")
         if self.policy_file is not None:
             from octomil.policy_file import load_policy_file
 
@@ -292,6 +307,33 @@ def serve(
             envvar="OCTOMIL_POLICY_FILE",
         ),
     ] = None,
+    shadow_rate: Annotated[
+        float,
+        typer.Option(
+            help="Share of early-exited tokens also compared with the full-depth token "
+            "(octomil_shadow_* metrics); responses are never changed.",
+            envvar="OCTOMIL_SHADOW_RATE",
+        ),
+    ] = 0.0,
+    auto_fallback: Annotated[
+        bool,
+        typer.Option(
+            help="When the drift alarm trips, serve full depth until the shadow-checked "
+            "disagreement is back within the budget."
+        ),
+    ] = False,
+    drift_window: Annotated[
+        int, typer.Option(help="Shadow checks in the drift alarm's rolling window (per preset).")
+    ] = 200,
+    drift_margin: Annotated[
+        float, typer.Option(help="The alarm trips at disagreement > budget + margin.")
+    ] = 0.05,
+    drift_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Disagreement budget for the alarm (default: the exit policy's calibrated one)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
@@ -313,6 +355,11 @@ def serve(
             log_format=log_format.lower(),
             allow_aggressive_overrides=allow_aggressive_overrides,
             policy_file=policy_file,
+            shadow_rate=shadow_rate,
+            auto_fallback=auto_fallback,
+            drift_window=drift_window,
+            drift_margin=drift_margin,
+            drift_budget=drift_budget,
             max_concurrency=max_concurrency,
             max_batch_size=max_batch_size,
             max_prefill_tokens_per_step=max_prefill_tokens_per_step,
@@ -425,6 +472,11 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
         request_timeout=flags.request_timeout,
         allow_aggressive_overrides=flags.allow_aggressive_overrides,
         task_presets=policy.tasks,
+        shadow_rate=flags.shadow_rate,
+        auto_fallback=flags.auto_fallback,
+        drift_window=flags.drift_window,
+        drift_margin=flags.drift_margin,
+        drift_budget=flags.drift_budget,
         max_concurrency=flags.max_concurrency,
         telemetry_headers=flags.telemetry_headers,
         default_max_tokens=flags.default_max_tokens,

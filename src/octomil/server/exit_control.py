@@ -9,8 +9,9 @@ settings mean in layers. Every request's settings go through :meth:`ExitControl.
    a client's own settings may be more conservative than the default (lower threshold, more
    layers) but never more aggressive: they are capped at the default, the *ceiling*, unless the
    server runs with ``--allow-aggressive-overrides``;
-3. when early exit is switched off (by an admin, or by the drift alarm's fallback), every request
-   decodes at full depth, whatever it asked for.
+3. when early exit is switched off by an admin, every request decodes at full depth, whatever
+   it asked for; during the drift alarm's fallback too, in *observe* mode (exits decided, never
+   taken, still shadow-checked: ``octomil.server.drift``).
 
 Every change is kept (who, when, what) and logged; the state is exported as the gauge
 ``octomil_early_exit_enabled{reason}`` and in ``/health``.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from octomil.config import EarlyExitSettings
@@ -165,8 +166,15 @@ class ExitControl:
 
     def resolve(self, requested: EarlyExitSettings | None, task: str | None = None) -> Resolved:
         """The settings one request decodes with (see the module docstring)."""
-        if not self.enabled:
+        if self.admin_off or not self.default.enabled:
             return Resolved(FULL_DEPTH, source="off")
+        resolved = self._choose(requested, task)
+        if self.fallback and resolved.settings.enabled:
+            # Full depth, but exits are still decided and shadow-checked (drift recovery).
+            resolved.settings = replace(resolved.settings, observe=True)
+        return resolved
+
+    def _choose(self, requested: EarlyExitSettings | None, task: str | None) -> Resolved:
         if requested is None:
             if task is not None and task in self.task_presets:
                 return Resolved(self.task_presets[task], source=f"task:{task}")

@@ -20,6 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from octomil.config import EarlyExitSettings, resolve_early_exit
 from octomil.engine.types import GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 from octomil.server import sse, telemetry
+from octomil.server.drift import DEFAULT_MARGIN, DEFAULT_WINDOW, DriftAlarm
 from octomil.server.engine_client import (
     EngineClient,
     EngineLike,
@@ -62,6 +63,11 @@ class ServeOptions:
     # Early-exit operation (octomil.server.exit_control).
     allow_aggressive_overrides: bool = False
     task_presets: dict[str, EarlyExitSettings] = field(default_factory=dict)
+    shadow_rate: float = 0.0
+    auto_fallback: bool = False
+    drift_window: int = DEFAULT_WINDOW
+    drift_margin: float = DEFAULT_MARGIN
+    drift_budget: float | None = None  # None: the exit policy's calibrated budget
 
     @property
     def keys(self) -> KeyRing:
@@ -78,6 +84,7 @@ class ServingState:
     options: ServeOptions
     default_early_exit: EarlyExitSettings = field(default_factory=EarlyExitSettings)
     control: ExitControl = field(default_factory=lambda: ExitControl(EarlyExitSettings()))
+    drift: DriftAlarm | None = None
 
 
 def get_state(request: Request) -> ServingState:
@@ -303,6 +310,8 @@ async def run(
             last = now
             m.record_token(event)
             state.totals.record_token(event)
+            if event.shadow and state.drift is not None and stream.request.early_exit:
+                state.drift.record(stream.request.early_exit, event.shadow)
             if event.finish_reason is not None:
                 pending = event  # held until the generation ended: its stats are final then
                 continue
