@@ -70,20 +70,8 @@ class AccessMiddleware:
         if caller is None or scope["method"] != "POST" or path not in GENERATION_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.rate is not None and (wait := self.rate.acquire(caller)) > 0:
-            err = APIError(
-                429,
-                f"rate limit reached for {caller} ({self.rate.rate} requests); retry in "
-                f"{wait:.1f} s",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": retry_after(wait)},
-            )
-            await error_response(err)(scope, receive, send)
-            return
-        if self.in_flight is None:
-            await self.app(scope, receive, send)
-            return
-        if not self.in_flight.enter(caller):
+        # In-flight first: a request refused for that does not spend the key's rate.
+        if self.in_flight is not None and not self.in_flight.enter(caller):
             err = APIError(
                 429,
                 f"{caller} already has {self.in_flight.limit} generations in flight "
@@ -94,9 +82,20 @@ class AccessMiddleware:
             await error_response(err)(scope, receive, send)
             return
         try:
+            if self.rate is not None and (wait := self.rate.acquire(caller)) > 0:
+                err = APIError(
+                    429,
+                    f"rate limit reached for {caller} ({self.rate.rate} requests); retry in "
+                    f"{wait:.1f} s",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": retry_after(wait)},
+                )
+                await error_response(err)(scope, receive, send)
+                return
             await self.app(scope, receive, send)
         finally:
-            self.in_flight.leave(caller)
+            if self.in_flight is not None:
+                self.in_flight.leave(caller)
 
     def _api(self, scope: Scope) -> APIError | None:
         state = scope.setdefault("state", {})
