@@ -52,6 +52,9 @@ class EarlyExitSettings:
     threshold: float | None = None
     min_layers_fraction: float = DEFAULT_MIN_LAYERS_FRACTION
     preset: SpeedQuality | None = None
+    # Decide exits but never take them: every token at full depth, would-be exits shadow-checked
+    # (the drift alarm's fallback measures recovery this way).
+    observe: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from octomil.config import resolve_early_exit
+from octomil.server.drift import ShadowMetrics
 from octomil.server.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,12 +25,14 @@ def dashboard() -> dict:
 
 def _exported_series() -> set[str]:
     m = ServerMetrics("smollm2-135m", 30, resolve_early_exit(preset="balanced"))
+    ShadowMetrics(m.registry, "smollm2-135m")  # registered when --shadow-rate is set
     names = set()
     for family in m.registry.collect():
         for sample in family.samples:
             names.add(sample.name)
     # Labelled counters without samples yet still have their family name.
     names |= {f"{f.name}_total" for f in m.registry.collect() if f.type == "counter"}
+    names |= {f.name for f in m.registry.collect() if f.type == "gauge"}
     return names
 
 
@@ -68,6 +71,7 @@ def test_dashboard_has_the_expected_panels(dashboard: dict) -> None:
         "Queue depth and running requests": "timeseries",
         "Errors by status": "timeseries",
         "Early exit in effect": "stat",
+        "Shadow disagreement (live counterfactual error rate)": "timeseries",
     }
     for title, kind in expected.items():
         assert by_title[title]["type"] == kind, title

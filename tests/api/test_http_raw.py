@@ -148,7 +148,7 @@ def test_metrics_counters_move_after_a_request(server: ServerProcess) -> None:
     assert exits == usage["early_exit"]["early_exit_tokens"]
     assert after["octomil_total_layers{}"] == 30
     assert after["octomil_early_exit_threshold{}"] == 0.5
-    assert after["octomil_early_exit_enabled{}"] == 1
+    assert after["octomil_early_exit_enabled{reason=configured}"] == 1
     # Regression: only "enabled" was exported, though no check is placed (full depth).
     assert after["octomil_early_exit_effective{}"] == 0
     assert after["octomil_early_exit_checks_placed{}"] == 0

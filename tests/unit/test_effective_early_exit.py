@@ -60,7 +60,7 @@ def test_metrics_export_the_effective_state() -> None:
 
     assert gauges(()) == {
         "octomil_early_exit_threshold": 0.5,
-        "octomil_early_exit_enabled": 1.0,
+        "octomil_early_exit_enabled": 1.0,  # {reason="configured"}
         "octomil_early_exit_effective": 0.0,
         "octomil_early_exit_checks_placed": 0.0,
         "octomil_early_exit_min_layers": 8.0,

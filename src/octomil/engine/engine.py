@@ -6,6 +6,7 @@ It is not thread-safe: iterate every Generation on one engine thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,10 +23,12 @@ from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
+from octomil.engine.token_classes import never_exit_mask
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.kernels import decode
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
+from octomil.policy_file import NeverExit
 
 log = logging.getLogger(__name__)
 NO_EARLY_EXIT = EarlyExitSettings()  # frozen: safe as a shared default
@@ -64,6 +67,12 @@ class Engine:
         self.prefill_chunk = PREFILL_STEP
         # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
         self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
+        self.never_exit: mx.array | None = None  # set_never_exit
+        self.shadow_rate = 0.0  # share of early exits compared with full depth (engine.shadow)
+
+    def set_never_exit(self, classes: NeverExit) -> None:
+        """Tokens of ``classes`` are never emitted from an early exit (``token_classes``)."""
+        self.never_exit = never_exit_mask(self.tokenizer, self._vocab_size, classes)
 
     @classmethod
     def load(
@@ -141,16 +150,33 @@ class Engine:
             return None
         settings = settings if settings is not None else self.default_early_exit
         bundle = self.exit_choice.bundle
+        policy: ExitPolicy | None
         if bundle is not None:
             assert self.loaded.anatomy is not None
-            return bundle.policy(
+            policy = bundle.policy(
                 settings, self.loaded.anatomy, method=method, layers=self.exit_layers
             )
-        if not self.exit_choice.raw_head:
+        elif not self.exit_choice.raw_head:
             return None  # no calibrated policy: full depth
-        return ExitPolicy.from_settings(
-            settings, self.total_layers, self.exit_layers, self.loaded.anatomy.head_cost_in_layers()
-        )
+        else:
+            policy = ExitPolicy.from_settings(
+                settings,
+                self.total_layers,
+                self.exit_layers,
+                self.loaded.anatomy.head_cost_in_layers(),
+            )
+        if policy is not None and self.never_exit is not None:
+            policy = dataclasses.replace(policy, never_exit=self.never_exit)
+        if policy is not None and settings.observe:
+            policy = dataclasses.replace(policy, observe=True)
+        return policy
+
+    def disagreement_budget(self, settings: EarlyExitSettings) -> float | None:
+        """The calibrated policy's budget of disagreement with full depth for ``settings``."""
+        bundle = self.exit_choice.bundle
+        if bundle is None or not settings.enabled or not bundle.manifest.presets:
+            return None
+        return bundle.placement(settings).budget
 
     def default_kv_budget(self, memory_fraction: float = 0.4) -> int:
         """KV cache positions that fit ``memory_fraction`` of this machine's memory."""
@@ -220,7 +246,12 @@ class Engine:
             raise EngineInputError(f"prompt token ids out of range: {bad[:5]}", param="prompt")
         model = self.loaded.model
         anatomy = self.loaded.anatomy
-        loop = LayerLoop(anatomy, model) if anatomy is not None else FullDepthLoop(model)
+        loop: LayerLoop | FullDepthLoop
+        if anatomy is not None:
+            loop = LayerLoop(anatomy, model)
+            loop.shadow.rate = self.shadow_rate
+        else:
+            loop = FullDepthLoop(model)
         return Generation(
             loop,
             prompt,

@@ -9,7 +9,7 @@ are computed there anyway).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -64,6 +64,9 @@ class ExitPolicy:
     min_layers: int
     exit_layers: tuple[int, ...]
     total_layers: int
+    # (vocab,) bool: a row whose exit prediction is one of these tokens stays (token_classes).
+    never_exit: mx.array | None = field(default=None, compare=False, repr=False)
+    observe: bool = False  # decide, never leave (engine.shadow)
 
     @classmethod
     def from_settings(

@@ -217,4 +217,9 @@ class Generation:
             logprob=chosen,
             top_logprobs=alternatives,
             finish_reason=finish,
+            shadow=self._shadow_results(),
         )
+
+    def _shadow_results(self) -> tuple[tuple[int, bool], ...]:
+        book = getattr(self.loop, "shadow", None)  # FullDepthLoop has none
+        return tuple((r.exit_layer, r.agreed) for r in book.drain()) if book else ()

@@ -19,6 +19,7 @@ from octomil.blas import route
 from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
 from octomil.engine.ragged import Segment, run_layer
+from octomil.engine.shadow import ShadowBook
 from octomil.models.anatomy import Anatomy
 
 # Same chunking as mlx_lm.generate_step, so full-depth prefill matches stock mlx-lm bit for bit.
@@ -50,6 +51,7 @@ class LayerLoop:
         self.cache = make_prompt_cache(model)
         self.pending: list[PendingRow] = []
         self.position = 0  # number of tokens fed so far
+        self.shadow = ShadowBook()
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +107,7 @@ class LayerLoop:
                     h, rows = _merge_rows(h, rows, joining)
                 h = self.anatomy.layers[i](h, self._mask(h, i), self.cache[i])
             self.pending = []
+        self.shadow.drop_unfinished()
         mx.eval([c.state for c in self.cache])
 
 
@@ -171,6 +174,8 @@ def decode_batch(
             start += n
         h = run_layer(anatomy.layers[i], h, segments, max_rows)
         leaving = _exits(anatomy, h, active, segments, i + 1, exit_rule)
+        if leaving and any(g.policy is not None and g.policy.observe for g, _ in leaving):
+            leaving = _observe(leaving, i + 1)
         if leaving:
             for g, decision in leaving:
                 seg = segments[active.index(g)]
@@ -179,6 +184,8 @@ def decode_batch(
                     for k, pos in enumerate(g.positions)
                 ]
                 results[g.index] = StepResult(decision.logits, i + 1, g.entropy, exited=True)
+                assert decision.logits is not None
+                g.loop.shadow.sample(g.positions[-1], i + 1, decision.logits)
             gone = {id(g) for g, _ in leaving}
             kept = [(g, s) for g, s in zip(active, segments, strict=True) if id(g) not in gone]
             if not kept:
@@ -195,6 +202,7 @@ def decode_batch(
         cap = max_rows or len(active)
         pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+    _shadow_compare(anatomy, h, active)
     measured = any(inputs[g.index].policy is not None for g in active)
     entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
     for k, g in enumerate(active):
@@ -202,6 +210,43 @@ def decode_batch(
         entropy = entropies[k] if inputs[g.index].policy is not None else g.entropy
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
+
+
+def _observe(
+    leaving: list[tuple[_Group, ExitDecision]], depth: int
+) -> list[tuple[_Group, ExitDecision]]:
+    """Observing policies keep their rows: a would-be exit is only shadow-checked (its row is
+    compared at the last layer of this same step)."""
+    kept = []
+    for g, decision in leaving:
+        if g.policy is not None and g.policy.observe:
+            assert decision.logits is not None
+            g.loop.shadow.sample(g.positions[-1], depth, decision.logits)
+        else:
+            kept.append((g, decision))
+    return kept
+
+
+def _shadow_compare(anatomy: Anatomy, h: mx.array, active: list[_Group]) -> None:
+    """Rows of sampled exits that reached the last layer: one head product apart from the
+    step's logits gives their full-depth predictions (``engine.shadow``)."""
+    rows, owners = [], []
+    start = 0
+    for g in active:
+        book = g.loop.shadow
+        if book.probes:
+            mine = [(start + k, pos) for k, pos in enumerate(g.positions) if pos in book.probes]
+            if mine:
+                rows += [r for r, _ in mine]
+                owners.append((book, [pos for _, pos in mine]))
+        start += len(g.positions)
+    if not rows:
+        return
+    logits = anatomy.logits(h[0, mx.array(rows)])
+    at = 0
+    for book, positions in owners:
+        book.compare(positions, logits[at : at + len(positions)])
+        at += len(positions)
 
 
 def _join_rows(h: mx.array, active: list[_Group], layer: int) -> mx.array:
@@ -242,10 +287,30 @@ def _exits(
             if decision.entropy is not None:
                 g.entropy = decision.entropy
             decided.append((g, decision))
-    leaving = [(g, d) for g, d in decided if d.exit]
+    leaving = _keep_class_tokens([(g, d) for g, d in decided if d.exit])
     if exit_rule == "batch" and len(leaving) < len(active):
         return []
     return leaving
+
+
+def _keep_class_tokens(
+    leaving: list[tuple[_Group, ExitDecision]],
+) -> list[tuple[_Group, ExitDecision]]:
+    """Drop the rows whose exit prediction is a never-exit token (``engine.token_classes``):
+    they continue to full depth. One gather and one sync for all masked rows."""
+    masked = [
+        (g, d) for g, d in leaving if g.policy is not None and g.policy.never_exit is not None
+    ]
+    if not masked:
+        return leaving
+    logits = mx.concatenate([d.logits for _, d in masked], axis=0)  # type: ignore[misc]
+    predicted = mx.argmax(logits, axis=-1)
+    hits = [
+        bool(g.policy.never_exit[t].item())  # type: ignore[union-attr, index]
+        for (g, _), t in zip(masked, predicted.tolist(), strict=True)
+    ]
+    stay = {id(g) for (g, _), hit in zip(masked, hits, strict=True) if hit}
+    return [(g, d) for g, d in leaving if id(g) not in stay]
 
 
 def _as_input(token: int | mx.array) -> mx.array:

@@ -45,6 +45,8 @@ class TokenEvent:
     logprob: TokenLogprob | None = None
     top_logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | None
+    # Shadow checks resolved since the previous event: (exit layer, agreed with full depth).
+    shadow: tuple[tuple[int, bool], ...] = ()
 
 
 @dataclass

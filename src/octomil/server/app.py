@@ -18,15 +18,16 @@ from fastapi import FastAPI
 import octomil
 from octomil.config import EarlyExitSettings
 from octomil.engine.scheduler import StepOutput
-from octomil.server import routes_chat, routes_completions, routes_misc
+from octomil.server import routes_admin, routes_chat, routes_completions, routes_misc
+from octomil.server.access import AccessMiddleware
+from octomil.server.drift import DriftAlarm, ShadowMetrics, default_budget
 from octomil.server.engine_client import EngineClient, EngineLike
 from octomil.server.errors import install_error_handlers
+from octomil.server.exit_control import ExitControl
+from octomil.server.limits import InFlight, RateLimiter
 from octomil.server.metrics import ServerMetrics
-from octomil.server.middleware import (
-    APIKeyMiddleware,
-    BodyLimitMiddleware,
-    RequestMetricsMiddleware,
-)
+from octomil.server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from octomil.server.request_context import RequestIdMiddleware
 from octomil.server.serving import ServeOptions, ServingState
 from octomil.server.telemetry import EarlyExitTotals
 
@@ -45,6 +46,36 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         metrics.batch.record_step(out.batch_size, out.prefill_tokens, c.kv_tokens_reserved)
 
     client.on_step = on_step
+    control = ExitControl(
+        settings,
+        allow_aggressive=options.allow_aggressive_overrides,
+        task_presets=dict(options.task_presets),
+    )
+
+    def export(c: ExitControl) -> None:
+        metrics.set_enabled(c.enabled, c.reason)
+        metrics.threshold.set((c.default.threshold or 0.0) if c.enabled else 0.0)
+
+    control.listeners.append(export)
+    drift = None
+    if options.shadow_rate > 0:
+        engine.shadow_rate = options.shadow_rate  # type: ignore[union-attr]
+        budget = getattr(engine, "disagreement_budget", lambda s: None)
+
+        def budget_of(s: EarlyExitSettings) -> float:
+            if options.drift_budget is not None:
+                return options.drift_budget
+            calibrated = budget(s)
+            return default_budget(s) if calibrated is None else calibrated
+
+        drift = DriftAlarm(
+            control,
+            ShadowMetrics(metrics.registry, engine.model_id),
+            budget_of,
+            window=options.drift_window,
+            margin=options.drift_margin,
+            auto_fallback=options.auto_fallback,
+        )
     return ServingState(
         engine=engine,
         client=client,
@@ -52,6 +83,8 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         totals=EarlyExitTotals(engine.total_layers, settings, checks_placed=checks),
         options=options,
         default_early_exit=settings,
+        control=control,
+        drift=drift,
     )
 
 
@@ -104,9 +137,16 @@ def create_app(
     app.include_router(routes_chat.router)
     app.include_router(routes_completions.router)
     app.include_router(routes_misc.router)
-    # Added last = outermost: metrics see every status, including 401 and 413.
-    if options.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
+    app.include_router(routes_admin.router)
+    # Added last = outermost: metrics see every status, including 401, 413 and 429; keys are
+    # checked before the body is read; every response carries its request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
+    app.add_middleware(
+        AccessMiddleware,
+        keys=options.keys,
+        rate=RateLimiter(options.rate_limit) if options.rate_limit else None,
+        in_flight=InFlight(options.max_streams_per_key) if options.max_streams_per_key else None,
+    )
     app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app

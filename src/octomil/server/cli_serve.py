@@ -51,6 +51,24 @@ class ServeFlags:
     dtype: str
     exit_policy: str | None
     log_level: str
+    # Keys, limits and logs (octomil.server.access, .limits, .request_context).
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    rate_limit: str | None = None
+    max_streams_per_key: int | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
+    max_messages: int | None = None
+    request_timeout: float | None = None
+    log_format: str = "text"
+    allow_aggressive_overrides: bool = False
+    policy_file: str | None = None
+    shadow_rate: float = 0.0
+    auto_fallback: bool = False
+    drift_window: int = 200
+    drift_margin: float = 0.05
+    drift_budget: float | None = None
 
     def check(self) -> None:
         """Every check that needs no model; raises ConfigError naming the flag."""
@@ -71,6 +89,43 @@ class ServeFlags:
         check_dtype(self.dtype)
         check_model(self.model)
         check_exit_policy(self.exit_policy)
+        self.check_ops()
+
+    def check_ops(self) -> None:
+        from octomil.server.limits import Rate
+        from octomil.server.request_context import LOG_FORMATS
+
+        for flag, limit in (
+            ("--max-streams-per-key", self.max_streams_per_key),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-prompt-tokens", self.max_prompt_tokens),
+            ("--max-tokens-limit", self.max_tokens_limit),
+            ("--max-messages", self.max_messages),
+        ):
+            if limit is not None and limit < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {limit}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ConfigError(f"--request-timeout must be > 0, got {self.request_timeout}")
+        if self.rate_limit is not None:
+            Rate.parse(self.rate_limit)
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if not 0.0 <= self.shadow_rate <= 1.0:
+            raise ConfigError(f"--shadow-rate must be within [0, 1], got {self.shadow_rate}")
+        if self.auto_fallback and self.shadow_rate == 0.0:
+            raise ConfigError("--auto-fallback needs shadow checks: set --shadow-rate")
+        if self.drift_window < 1:
+            raise ConfigError(f"--drift-window must be >= 1, got {self.drift_window}")
+        if not 0.0 <= self.drift_margin <= 1.0:
+            raise ConfigError(f"--drift-margin must be within [0, 1], got {self.drift_margin}")
+        if self.drift_budget is not None and not 0.0 <= self.drift_budget <= 1.0:
+            raise ConfigError(f"--drift-budget must be within [0, 1], got {self.drift_budget}")
+        if self.policy_file is not None:
+            from octomil.policy_file import load_policy_file
+
+            load_policy_file(self.policy_file)
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise ConfigError("--admin-key must differ from every API key")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -120,11 +175,63 @@ def serve(
     ),
     port: Annotated[int, typer.Option(help="TCP port.", envvar="OCTOMIL_PORT")] = 8080,
     api_key: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="Require 'Authorization: Bearer KEY' on /v1/*.", envvar="OCTOMIL_API_KEY"
+            help="Require 'Authorization: Bearer KEY' on /v1/*; repeat for several keys.",
+            envvar="OCTOMIL_API_KEY",
         ),
     ] = None,
+    api_keys_file: Annotated[
+        str | None,
+        typer.Option(
+            help="File of API keys, one per line (# comments).", envvar="OCTOMIL_API_KEYS_FILE"
+        ),
+    ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Key for /admin/* (the early-exit kill switch); without it /admin is closed.",
+            envvar="OCTOMIL_ADMIN_KEY",
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        str | None,
+        typer.Option(help="Generation requests per key (or client address), e.g. 60/min, 5/10s."),
+    ] = None,
+    max_streams_per_key: Annotated[
+        int | None, typer.Option(help="Generations in flight per key; more get HTTP 429.")
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (HTTP 413).")] = (
+        4 * 1024 * 1024
+    ),
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="Longest prompt in tokens (HTTP 400 prompt_too_long).")
+    ] = None,
+    max_tokens_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest max_tokens a request may ask for (HTTP 400); also caps the default."
+        ),
+    ] = None,
+    max_messages: Annotated[
+        int | None, typer.Option(help="Most chat messages in one request (HTTP 400).")
+    ] = None,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a generation may take; then it is ended (HTTP 504 / error event)."
+        ),
+    ] = None,
+    log_format: Annotated[
+        str, typer.Option(help="Log lines as text or json (one object per line, with request_id).")
+    ] = "text",
+    allow_aggressive_overrides: Annotated[
+        bool,
+        typer.Option(
+            help="Let a request's early_exit go beyond the server default (higher threshold, "
+            "fewer layers); by default such a request is capped at the default."
+        ),
+    ] = False,
     max_concurrency: Annotated[
         int,
         typer.Option(
@@ -192,6 +299,41 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug, trace.")
     ] = "info",
+    policy_file: Annotated[
+        str | None,
+        typer.Option(
+            help="YAML exit policies: task classes -> presets, token classes that never exit "
+            "early (see configs/exit-policy.example.yaml).",
+            envvar="OCTOMIL_POLICY_FILE",
+        ),
+    ] = None,
+    shadow_rate: Annotated[
+        float,
+        typer.Option(
+            help="Share of early-exited tokens also compared with the full-depth token "
+            "(octomil_shadow_* metrics); responses are never changed.",
+            envvar="OCTOMIL_SHADOW_RATE",
+        ),
+    ] = 0.0,
+    auto_fallback: Annotated[
+        bool,
+        typer.Option(
+            help="When the drift alarm trips, serve full depth until the shadow-checked "
+            "disagreement is back within the budget."
+        ),
+    ] = False,
+    drift_window: Annotated[
+        int, typer.Option(help="Shadow checks in the drift alarm's rolling window (per preset).")
+    ] = 200,
+    drift_margin: Annotated[
+        float, typer.Option(help="The alarm trips at disagreement > budget + margin.")
+    ] = 0.05,
+    drift_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Disagreement budget for the alarm (default: the exit policy's calibrated one)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
@@ -200,7 +342,24 @@ def serve(
             settings=resolve_early_exit(preset=speed_quality, threshold=early_exit_threshold),
             host=host,
             port=port,
-            api_key=api_key or None,
+            api_key=None,
+            api_keys=_keys(api_key, api_keys_file),
+            admin_key=admin_key or None,
+            rate_limit=rate_limit,
+            max_streams_per_key=max_streams_per_key,
+            max_body_bytes=max_body_bytes,
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens_limit=max_tokens_limit,
+            max_messages=max_messages,
+            request_timeout=request_timeout,
+            log_format=log_format.lower(),
+            allow_aggressive_overrides=allow_aggressive_overrides,
+            policy_file=policy_file,
+            shadow_rate=shadow_rate,
+            auto_fallback=auto_fallback,
+            drift_window=drift_window,
+            drift_margin=drift_margin,
+            drift_budget=drift_budget,
             max_concurrency=max_concurrency,
             max_batch_size=max_batch_size,
             max_prefill_tokens_per_step=max_prefill_tokens_per_step,
@@ -222,6 +381,15 @@ def serve(
         sock.close()
 
 
+def _keys(flags: list[str] | None, file: str | None) -> tuple[str, ...]:
+    from octomil.server.keys import read_keys_file
+
+    keys = [k for k in flags or () if k]
+    if file:
+        keys += read_keys_file(file)
+    return tuple(dict.fromkeys(keys))
+
+
 def exposure_warning(sock: socket.socket, api_key: str | None) -> str | None:
     """The startup warning for a server others can reach (not loopback) that asks for no key."""
     address = sock.getsockname()[0]
@@ -241,18 +409,25 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
     import uvicorn
 
     from octomil.engine.engine import Engine
+    from octomil.policy_file import PolicyFile, load_policy_file
     from octomil.server.app import create_app
     from octomil.server.draining import DrainingServer
     from octomil.server.engine_client import EngineClient
+    from octomil.server.limits import Rate
+    from octomil.server.request_context import log_config
     from octomil.server.serving import ServeOptions
 
+    policy = load_policy_file(flags.policy_file) if flags.policy_file else PolicyFile()
+
+    def load() -> Engine:
+        engine = Engine.load(
+            flags.model, dtype=flags.dtype, early_exit=flags.settings, exit_policy=flags.exit_policy
+        )
+        engine.set_never_exit(policy.never_exit)
+        return engine
+
     client = EngineClient(
-        lambda: Engine.load(
-            flags.model,
-            dtype=flags.dtype,
-            early_exit=flags.settings,
-            exit_policy=flags.exit_policy,
-        ),
+        load,
         max_concurrency=flags.max_concurrency,
         max_batch_size=flags.max_batch_size,
         max_kv_tokens=flags.max_kv_tokens or "auto",
@@ -280,17 +455,40 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
     print(f"[serve] Listening on http://{flags.host}:{flags.port}", flush=True)
     if flags.settings.enabled:
         print(f"[early-exit] Policy: {engine.exit_choice.status}", flush=True)
-    if warning := exposure_warning(sock, flags.api_key):
+    if warning := exposure_warning(
+        sock, flags.api_key or (flags.api_keys[0] if flags.api_keys else None)
+    ):
         print(warning, file=sys.stderr, flush=True)
     options = ServeOptions(
         api_key=flags.api_key,
+        api_keys=flags.api_keys,
+        admin_key=flags.admin_key,
+        rate_limit=Rate.parse(flags.rate_limit) if flags.rate_limit else None,
+        max_streams_per_key=flags.max_streams_per_key,
+        max_body_bytes=flags.max_body_bytes,
+        max_prompt_tokens=flags.max_prompt_tokens,
+        max_tokens_limit=flags.max_tokens_limit,
+        max_messages=flags.max_messages,
+        request_timeout=flags.request_timeout,
+        allow_aggressive_overrides=flags.allow_aggressive_overrides,
+        task_presets=policy.tasks,
+        shadow_rate=flags.shadow_rate,
+        auto_fallback=flags.auto_fallback,
+        drift_window=flags.drift_window,
+        drift_margin=flags.drift_margin,
+        drift_budget=flags.drift_budget,
         max_concurrency=flags.max_concurrency,
         telemetry_headers=flags.telemetry_headers,
         default_max_tokens=flags.default_max_tokens,
     )
     app = create_app(client, options=options)
     # uvicorn's own grace period only backs up the drain, which ends every stream in time.
-    config = uvicorn.Config(app, log_level=flags.log_level, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app,
+        log_level=flags.log_level,
+        log_config=log_config(flags.log_format, flags.log_level),
+        timeout_graceful_shutdown=10,
+    )
     DrainingServer(config, client, flags.shutdown_timeout).run(sockets=[sock])
 
 

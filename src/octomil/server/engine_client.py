@@ -131,6 +131,10 @@ class GenerationStream:
         self._finished = False
 
     @property
+    def request(self) -> GenerationRequest:
+        return self._job.request
+
+    @property
     def stats(self) -> GenerationStats:
         assert self._job.generation is not None
         return self._job.generation.stats

@@ -125,13 +125,15 @@ class ServerMetrics:
             m,
             registry=r,
         ).labels(model)
-        self.enabled = Gauge(
+        # One series at a time: its reason says why early exit is on or off now (configured,
+        # not_configured, admin_set, admin_off, drift_fallback).
+        self._enabled = Gauge(
             "octomil_early_exit_enabled",
-            "1 when early exit is requested by default (a preset or threshold); whether any "
-            "token can exit is octomil_early_exit_effective.",
-            m,
+            "1 when early exit is on by default (a preset or threshold, not switched off), by "
+            "reason; whether any token can exit is octomil_early_exit_effective.",
+            [*m, "reason"],
             registry=r,
-        ).labels(model)
+        )
         # What the exit policy makes of the settings on this machine: it may place no check.
         self.effective = Gauge(
             "octomil_early_exit_effective",
@@ -162,10 +164,14 @@ class ServerMetrics:
         self, settings: EarlyExitSettings, total_layers: int, checks_placed: tuple[int, ...] = ()
     ) -> None:
         self.threshold.set(settings.threshold or 0.0)
-        self.enabled.set(1 if settings.enabled else 0)
+        self.set_enabled(settings.enabled, "configured" if settings.enabled else "not_configured")
         self.min_layers.set(settings.min_layers(total_layers) if settings.enabled else total_layers)
         self.effective.set(1 if checks_placed else 0)
         self.checks_placed.set(len(checks_placed))
+
+    def set_enabled(self, enabled: bool, reason: str) -> None:
+        self._enabled.clear()
+        self._enabled.labels(self.model, reason).set(1 if enabled else 0)
 
     def record_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model, endpoint, str(status)).inc()

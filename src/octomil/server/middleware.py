@@ -1,12 +1,9 @@
-"""Pure ASGI middleware: request counting, body size limit (413) and API key check (401).
+"""Pure ASGI middleware: request counting and the body size limit (413); keys: ``access``.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so streaming responses and disconnects pass straight through.
 """
 
 from __future__ import annotations
-
-import hmac
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +17,7 @@ ENDPOINTS = (
     "/v1/early-exit/stats",
     "/health",
     "/metrics",
+    "/admin/early-exit",
 )
 
 
@@ -105,37 +103,3 @@ class BodyLimitMiddleware:
             return await receive()  # afterwards: wait for http.disconnect
 
         await self.app(scope, replay, send)
-
-
-class APIKeyMiddleware:
-    """``Authorization: Bearer KEY`` required on ``/v1/*`` when the server has an API key."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        headers: dict[bytes, Any] = dict(scope.get("headers", ()))
-        auth: bytes = headers.get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            err = APIError(
-                401,
-                "missing API key: send 'Authorization: Bearer <key>'",
-                code="missing_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        elif not hmac.compare_digest(token.strip(), self.api_key):
-            err = APIError(
-                401,
-                "incorrect API key provided",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        else:
-            await self.app(scope, receive, send)
-            return
-        await error_response(err)(scope, receive, send)

@@ -114,6 +114,16 @@ EarlyExitField = Annotated[
 ]
 
 
+TaskField = Annotated[
+    Text | None,
+    Field(
+        max_length=64,
+        description="Octomil extra: task class (code, json, chat, ...) whose early-exit preset "
+        "the server's --policy-file sets; the X-Octomil-Task header does the same.",
+    ),
+]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -213,6 +223,7 @@ class ChatCompletionRequest(_SamplingFields):
     functions: Unsupported = None
     function_call: Unsupported = None
     early_exit: EarlyExitField = None
+    task: TaskField = None
 
     _unsupported_chat = field_validator(
         "tools", "tool_choice", "functions", "function_call", mode="before"
@@ -236,6 +247,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Int | None = Field(None, ge=0, le=5)
     suffix: Text | None = None
     early_exit: EarlyExitField = None
+    task: TaskField = None
 
     _unsupported_completion = field_validator("best_of", mode="before")(_refuse_unsupported)
 

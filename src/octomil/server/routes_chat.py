@@ -55,6 +55,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     arrival = time.perf_counter()
     state = serving.get_state(raw)
     serving.check_model(state, body.model)
+    serving.check_messages(state, len(body.messages))
     if body.response_format is not None and body.response_format.type != "text":
         # Not enforced yet: accepting it would promise JSON the model may not produce.
         raise APIError(
@@ -64,7 +65,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             param="response_format",
             code="unsupported_value",
         )
-    early_exit = serving.early_exit_settings(state, body.early_exit)
+    early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
     # "developer" is the newer name of "system"; chat templates know only the latter.
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}

@@ -53,7 +53,7 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
         raise APIError(400, "echo is not supported yet", param="echo", code="unsupported_value")
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
-    early_exit = serving.early_exit_settings(state, body.early_exit)
+    early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
     prompt_in = (
         body.prompt[0]
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)

@@ -59,6 +59,10 @@ async def health(raw: Request) -> Response:
         "engine_step_age_s": round(age, 3),
         "requests_running": client.running,
         "requests_waiting": client.waiting,
+        "early_exit": {
+            "enabled": raw.app.state.serving.control.enabled,
+            "reason": raw.app.state.serving.control.reason,
+        },
     }
     if age > ENGINE_STALL_S:
         message = f"the engine has not finished a step for {age:.0f} s (stalled)"

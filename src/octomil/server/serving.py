@@ -8,6 +8,7 @@ Routes stay thin: they fetch :class:`ServingState` from ``app.state``, call
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from octomil.config import EarlyExitSettings, resolve_early_exit
 from octomil.engine.types import GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 from octomil.server import sse, telemetry
+from octomil.server.drift import DEFAULT_MARGIN, DEFAULT_WINDOW, DriftAlarm
 from octomil.server.engine_client import (
     EngineClient,
     EngineLike,
@@ -29,9 +31,14 @@ from octomil.server.engine_client import (
     Slot,
 )
 from octomil.server.errors import APIError
+from octomil.server.exit_control import ExitControl
+from octomil.server.keys import KeyRing
+from octomil.server.limits import Rate
 from octomil.server.metrics import ServerMetrics
 from octomil.server.protocol import EarlyExitOverride
 from octomil.server.telemetry import EarlyExitTotals
+
+logger = logging.getLogger("octomil.server")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,28 @@ class ServeOptions:
     # OpenAI has no default cap; on a CPU decoding ~12 tok/s an unbounded default is a trap.
     default_max_tokens: int = 512
     max_body_bytes: int = 4 * 1024 * 1024
+    # Keys and limits (octomil.server.access); None: no limit.
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    rate_limit: Rate | None = None
+    max_streams_per_key: int | None = None
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
+    max_messages: int | None = None
+    request_timeout: float | None = None
+    # Early-exit operation (octomil.server.exit_control).
+    allow_aggressive_overrides: bool = False
+    task_presets: dict[str, EarlyExitSettings] = field(default_factory=dict)
+    shadow_rate: float = 0.0
+    auto_fallback: bool = False
+    drift_window: int = DEFAULT_WINDOW
+    drift_margin: float = DEFAULT_MARGIN
+    drift_budget: float | None = None  # None: the exit policy's calibrated budget
+
+    @property
+    def keys(self) -> KeyRing:
+        both = (*self.api_keys, self.api_key) if self.api_key else self.api_keys
+        return KeyRing.of(tuple(dict.fromkeys(both)), self.admin_key)
 
 
 @dataclass
@@ -54,6 +83,8 @@ class ServingState:
     totals: EarlyExitTotals
     options: ServeOptions
     default_early_exit: EarlyExitSettings = field(default_factory=EarlyExitSettings)
+    control: ExitControl = field(default_factory=lambda: ExitControl(EarlyExitSettings()))
+    drift: DriftAlarm | None = None
 
 
 def get_state(request: Request) -> ServingState:
@@ -75,9 +106,25 @@ def check_model(state: ServingState, model: str) -> None:
 
 
 def early_exit_settings(
+    state: ServingState, override: bool | EarlyExitOverride | None, task: str | None = None
+) -> EarlyExitSettings:
+    """Per-request ``early_exit`` field (and task class) -> the settings the request decodes
+    with, through the run-time control: kill switch, override ceiling, task presets."""
+    resolved = state.control.resolve(_requested(state, override), task)
+    if resolved.capped:
+        logger.info("early_exit override capped at the server's ceiling: %s", resolved.settings)
+    return resolved.settings
+
+
+def task(field: str | None, raw: Request) -> str | None:
+    """The request's task class: its ``task`` field, else the ``X-Octomil-Task`` header."""
+    return field or raw.headers.get("x-octomil-task") or None
+
+
+def _requested(
     state: ServingState, override: bool | EarlyExitOverride | None
 ) -> EarlyExitSettings | None:
-    """Per-request ``early_exit`` field -> settings (None keeps the server default)."""
+    """What the client asked for (None: nothing, the server default)."""
     if override is None or override is True:
         return None
     if override is False:
@@ -88,7 +135,7 @@ def early_exit_settings(
     if threshold is None:
         if override.min_layers is None:
             return None
-        threshold = state.default_early_exit.threshold
+        threshold = state.control.default.threshold
         if threshold is None:
             raise APIError(
                 400,
@@ -113,6 +160,27 @@ def sampling_params(
     prompt_param: str,
 ) -> SamplingParams:
     context = state.engine.context_length
+    limits = state.options
+    if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; this server accepts at most "
+            f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
+            param=prompt_param,
+            code="prompt_too_long",
+        )
+    if (
+        limits.max_tokens_limit is not None
+        and max_tokens is not None
+        and max_tokens > limits.max_tokens_limit
+    ):
+        raise APIError(
+            400,
+            f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_limit} "
+            "(--max-tokens-limit)",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
     if prompt_len >= context:
         raise APIError(
             400,
@@ -123,6 +191,8 @@ def sampling_params(
         )
     if max_tokens is None:
         max_tokens = min(state.options.default_max_tokens, context - prompt_len)
+        if limits.max_tokens_limit is not None:
+            max_tokens = min(max_tokens, limits.max_tokens_limit)
     elif prompt_len + max_tokens > context:
         raise APIError(
             400,
@@ -146,6 +216,18 @@ def sampling_params(
         stop=tuple(s for s in stops if s),
         logprobs=logprobs,
     )
+
+
+def check_messages(state: ServingState, count: int) -> None:
+    limit = state.options.max_messages
+    if limit is not None and count > limit:
+        raise APIError(
+            400,
+            f"the request has {count} messages; this server accepts at most {limit} "
+            "(--max-messages)",
+            param="messages",
+            code="too_many_messages",
+        )
 
 
 def admit(state: ServingState) -> Slot:
@@ -216,8 +298,10 @@ async def run(
     last: float | None = None
     pending: TokenEvent | None = None
     finish_reason = "cancelled"
+    timeout = state.options.request_timeout
+    deadline = None if timeout is None else arrival + timeout
     try:
-        async for event in stream:
+        async for event in _until(stream, deadline, timeout):
             now = time.perf_counter()
             if last is None:
                 m.ttft.observe(now - arrival)
@@ -226,6 +310,8 @@ async def run(
             last = now
             m.record_token(event)
             state.totals.record_token(event)
+            if event.shadow and state.drift is not None and stream.request.early_exit:
+                state.drift.record(stream.request.early_exit, event.shadow)
             if event.finish_reason is not None:
                 pending = event  # held until the generation ended: its stats are final then
                 continue
@@ -236,10 +322,39 @@ async def run(
         if pending is not None:
             finish_reason = pending.finish_reason or "stop"
             yield pending
+    except APIError as exc:
+        if exc.code == "request_timeout":
+            finish_reason = "timeout"
+        raise
     finally:
         stream.cancel()  # no-op when finished; frees the slot when the consumer went away
         m.e2e.observe(time.perf_counter() - arrival)
         m.record_finished(finish_reason)
+
+
+async def _until(
+    stream: GenerationStream, deadline: float | None, timeout: float | None
+) -> AsyncIterator[TokenEvent]:
+    """``stream``'s events until ``deadline`` (perf_counter); then 504 ``request_timeout``."""
+    events = aiter(stream)
+    while True:
+        try:
+            if deadline is None:
+                event = await anext(events)
+            else:
+                left = max(0.0, deadline - time.perf_counter())
+                event = await asyncio.wait_for(anext(events), left)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            stream.cancel()
+            raise APIError(
+                504,
+                f"the request did not finish within {timeout:g} s (--request-timeout)",
+                code="request_timeout",
+                type="timeout_error",
+            ) from None
+        yield event
 
 
 @dataclass

@@ -1,0 +1,187 @@
+"""A bounded soak of a real ``octomil serve``: mixed clients for a few minutes, nothing lost.
+
+Starts the server (embedded model, balanced preset, shadow checks at 0.1 on the raw head so exits,
+catch-up rows and shadow rows all run) and drives it for ``--duration`` seconds with ``--clients``
+threads, each picking at random (seeded): a chat completion, a streamed chat completion, a stream it
+abandons after two chunks (a disconnect), a text completion, or a bad request that must get a 4xx.
+Every 5 s it samples the server's resident memory and its KV-cache gauge. At the end: requests by
+kind and status, errors by kind, lost requests (an exception or a missing ``[DONE]`` on a stream
+that was read to the end), 5xx count, RSS and KV over time. Writes ``benchmarks/results/soak.json``.
+
+Run: ``.venv/bin/python benchmarks/soak.py --duration 180`` (bounded: the machine is shared).
+"""
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+MODEL = "smollm2-135m"
+PROMPTS = ["Name three fruits.", "What is rain?", "Tell me about the moon.", "Why is grass green?"]
+BAD = [
+    (b'{"model": "smollm2-135m", "messages": [', "malformed_json"),
+    (json.dumps({"model": MODEL, "messages": [], "max_tokens": 4}).encode(), "empty_messages"),
+    (
+        json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(),
+        "model",
+    ),
+    (json.dumps({"model": MODEL, "prompt": "x", "wat": 1}).encode(), "unknown_field"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def kv_tokens(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("octomil_kv_cache_tokens{"):
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0
+
+
+def one(client: httpx.Client, rng: random.Random, stats: Counter, errors: Counter) -> None:
+    kind = rng.choices(["chat", "stream", "disconnect", "completion", "bad"], [4, 3, 1, 1, 1])[0]
+    prompt = rng.choice(PROMPTS)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
+    try:
+        if kind == "chat" or kind == "completion":
+            path = "/v1/chat/completions"
+            if kind == "completion":
+                path, body = "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 16}
+            r = client.post(path, json=body)
+            stats[f"{kind} {r.status_code}"] += 1
+            if r.status_code >= 500:
+                errors[f"{kind} {r.status_code}: {r.text[:80]}"] += 1
+        elif kind in ("stream", "disconnect"):
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                lines = []
+                for ln in r.iter_lines():
+                    if ln.startswith("data:"):
+                        lines.append(ln)
+                    if kind == "disconnect" and len(lines) == 2:
+                        break  # leaving the block closes the connection mid-stream
+                stats[f"{kind} {r.status_code}"] += 1
+                if kind == "stream" and (not lines or lines[-1] != "data: [DONE]"):
+                    errors["stream without [DONE]"] += 1
+                if any('"error"' in ln for ln in lines):
+                    errors["stream error event"] += 1
+        else:
+            content, why = rng.choice(BAD)
+            r = client.post(
+                "/v1/chat/completions" if why != "unknown_field" else "/v1/completions",
+                content=content,
+                headers={"Content-Type": "application/json"},
+            )
+            stats[f"bad {r.status_code}"] += 1
+            if not 400 <= r.status_code < 500:
+                errors[f"bad request {why} got {r.status_code}"] += 1
+    except httpx.HTTPError as exc:
+        errors[f"{kind}: {type(exc).__name__}"] += 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=180.0)
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "soak.json"))
+    args = ap.parse_args()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open("/tmp/octomil-soak.log", "wb")  # noqa: SIM115 - closed at the end
+    server = subprocess.Popen(
+        [sys.executable, "-m", "octomil.cli", "serve", "--port", str(port)]
+        + ["--exit-policy", "lens", "--speed-quality", "balanced", "--shadow-rate", "0.1"]
+        + ["--max-concurrency", "16", "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        for _ in range(720):
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        stats: Counter = Counter()
+        errors: Counter = Counter()
+        stop = time.monotonic() + args.duration
+        lock = threading.Lock()
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(base_url=base, timeout=120) as client:
+                while time.monotonic() < stop:
+                    s, e = Counter(), Counter()
+                    one(client, rng, s, e)
+                    with lock:
+                        stats.update(s)
+                        errors.update(e)
+
+        samples = []
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - t0, 1),
+                    "rss_mb": round(rss_bytes(server.pid) / 2**20, 1),
+                    "kv_tokens": kv_tokens(base),
+                }
+            )
+            time.sleep(5)
+        for t in threads:
+            t.join()
+        time.sleep(1)
+        after = {"rss_mb": round(rss_bytes(server.pid) / 2**20, 1), "kv_tokens": kv_tokens(base)}
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        server.terminate()
+        exit_code = server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()
+    served = sum(v for k, v in stats.items() if k.split()[-1] == "200")
+    rss = [s["rss_mb"] for s in samples]
+    result = {
+        "duration_s": args.duration,
+        "clients": args.clients,
+        "note": "machine shared with other engineers' tests and benchmarks",
+        "requests_by_kind_and_status": dict(sorted(stats.items())),
+        "requests_served_200": served,
+        "errors": dict(errors),
+        "http_5xx": sum(v for k, v in stats.items() if k.split()[-1].startswith("5")),
+        "rss_mb_first_last_max": [rss[0], rss[-1], max(rss)] if rss else None,
+        "after_idle": after,
+        "health_after": health,
+        "server_exit_code_on_sigterm": exit_code,
+        "samples": samples,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
