@@ -22,6 +22,7 @@ from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
+from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
@@ -61,6 +62,8 @@ class Engine:
         # Prompt tokens fed per prefill chunk; a server sets its per-step budget here. A prompt is
         # cut the same way whether it is served alone or batched, so its answer is the same.
         self.prefill_chunk = PREFILL_STEP
+        # Speculative decoding for requests that do not choose (``--speculative``).
+        self.default_speculative = SpeculativeSettings()
         # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
         self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
 
@@ -228,4 +231,5 @@ class Engine:
             self.loaded.eos_token_ids,
             self._vocab_size,
             self.prefill_chunk,
+            request.speculative or self.default_speculative,
         )

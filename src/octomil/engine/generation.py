@@ -23,8 +23,11 @@ from octomil.engine.exit_policy import ExitPolicy, entropy_nats
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
 from octomil.engine.layer_loop import prefill_chunks as _prefill_chunks
 from octomil.engine.sampling import Sampler, top_logprobs
+from octomil.engine.spec_accept import accept_sampled
+from octomil.engine.speculation import SpeculativeSettings, Speculator
 from octomil.engine.text_stream import TextStream
 from octomil.engine.types import GenerationStats, SamplingParams, TokenEvent, TokenLogprob
+from octomil.engine.verify import MAX_DRAFT_TOKENS, accepted_greedy, can_speculate, rollback
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Generation:
         eos_token_ids: frozenset[int],
         vocab_size: int,
         prefill_chunk: int = PREFILL_STEP,
+        speculative: SpeculativeSettings | None = None,
     ) -> None:
         self.loop = loop
         self.prompt = prompt
@@ -73,6 +77,14 @@ class Generation:
         self._first_token_at: float | None = None
         self.finished = False
         self.stats = GenerationStats(total_layers=loop.num_layers, prompt_tokens=len(prompt))
+        self._spec: Speculator | None = None
+        self._drafts: list[int] = []  # drafted tokens riding in the current step
+        # Verification runs at full depth: a request whose policy places exit checks does not
+        # speculate (its tokens would differ from the same request decoded without speculation).
+        exits = policy is not None and bool(policy.exit_layers)
+        if speculative is not None and speculative.enabled and not exits and can_speculate(loop):
+            self._spec = Speculator(speculative, prompt)
+            self.stats.speculative = self._spec.stats
 
     # ------------------------------------------------------------------ callers' side
 
@@ -124,7 +136,7 @@ class Generation:
         """No exit check can happen and selection needs no token ids: the next step may be
         built from this step's unevaluated token."""
         no_checks = self.policy is None or not self.policy.exit_layers
-        return no_checks and not self._sampler.needs_history
+        return no_checks and not self._sampler.needs_history and self._spec is None
 
     @property
     def wants_step(self) -> bool:
@@ -135,17 +147,24 @@ class Generation:
     def queued(self) -> int:
         return len(self._queued)
 
-    def next_input(self) -> tuple[int | mx.array, ExitPolicy | None]:
+    def next_input(self) -> tuple[int | mx.array | list[int], ExitPolicy | None]:
         """The token to decode next and the exit policy of that step (the prompt's last token,
-        which yields the first answer token, always runs at full depth)."""
+        which yields the first answer token, always runs at full depth). A speculating request
+        returns its last token followed by drafted tokens, verified at full depth."""
         if self._queued:
             return self._queued[-1].token, self.policy
-        if self.stats.completion_tokens:
-            return self._history[-1], self.policy
-        return self.prompt[-1], None
+        last = self._history[-1]
+        if self._spec is not None:
+            room = self.params.max_tokens - self.stats.completion_tokens - 1
+            self._drafts = self._spec.propose(min(room, MAX_DRAFT_TOKENS))
+            if self._drafts:
+                return [last, *self._drafts], None
+        return last, self.policy if self.stats.completion_tokens else None
 
     def select(self, step: StepResult) -> Selection:
         """Sample lazily from a step's logits and queue the token for emission."""
+        if self._drafts:
+            return self._select_verified(step)
         history = self._history if self._sampler.needs_history else None
         token, logprobs = self._sampler.select(step.logits, history)
         entropy = None
@@ -155,12 +174,44 @@ class Generation:
         self._queued.append(selection)
         return selection
 
+    def _select_verified(self, step: StepResult) -> Selection:
+        """Keep the longest accepted prefix of the drafts plus the token that follows it; queue
+        them all and trim the rejected rows from the cache (``octomil.engine.verify``)."""
+        assert self._spec is not None
+        drafts, self._drafts = self._drafts, []
+        sampler = self._sampler
+        history = self._history if sampler.needs_history else None
+        targets, rows = [], []
+        for j in range(len(drafts) + 1):
+            seen = None if history is None else history + drafts[:j]
+            targets.append(sampler.target(step.logits[j : j + 1], seen))
+            rows.append(targets[-1][1])
+        if targets[0][0] is None:  # greedy: the rows' argmax, one sync
+            chosen = mx.argmax(mx.concatenate(rows, axis=0), axis=-1).tolist()
+            m = accepted_greedy(chosen, drafts)
+            tokens = [*drafts[:m], chosen[m]]
+        else:
+            sample_logits = mx.concatenate([t for t, _ in targets], axis=0)  # type: ignore[misc]
+            m, follow = accept_sampled(sample_logits, drafts, sampler.next_key())
+            tokens = [*drafts[:m], follow]
+        rollback(self.loop, len(drafts) - m)
+        self._spec.observe(len(drafts), m)
+        selection = None
+        for j, token in enumerate(tokens):
+            row = replace(step, logits=step.logits[j : j + 1], entropy=None)
+            selection = Selection(row, mx.array([token]), rows[j], None)
+            self._queued.append(selection)
+        assert selection is not None
+        return selection
+
     def emit(self) -> TokenEvent:
         """Read the oldest queued token (evaluating it if needed) and turn it into an event."""
         current = self._queued.popleft()
         token = int(current.token.item())
         step = current.resolved_step()
         self._history.append(token)
+        if self._spec is not None:
+            self._spec.extend([token])
         now = time.perf_counter()
         stats = self.stats
         if self._first_token_at is None:

@@ -36,7 +36,7 @@ def prefill_chunks(prompt_len: int, chunk: int) -> list[slice]:
 
 @dataclass(frozen=True)
 class StepResult:
-    logits: mx.array  # (1, vocab), for the token just decoded
+    logits: mx.array  # (rows, vocab): one row per token fed (several when verifying a draft)
     depth: int  # layers this token ran (1-based); == total layers at full depth
     entropy: float | None  # entropy (nats) of the distribution it was emitted from, when measured
     exited: bool
@@ -86,8 +86,9 @@ class LayerLoop:
         self.position += 1
         return self.anatomy.logits(h[:, -1, :])
 
-    def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
-        """Feed one generated token; stop after the first candidate layer whose entropy passes.
+    def decode(self, token: int | mx.array | list[int], policy: ExitPolicy | None) -> StepResult:
+        """Feed one generated token (or a verification's tokens, see ``DecodeInput``); stop
+        after the first candidate layer whose entropy passes.
 
         ``token`` may be a not-yet-evaluated (1,) array, so the next step can be queued early.
         """
@@ -110,11 +111,19 @@ class LayerLoop:
 
 @dataclass(frozen=True)
 class DecodeInput:
-    """One sequence's part of a batched decode step: its loop, its next token, its exit policy."""
+    """One sequence's part of a batched decode step: its loop, its next token, its exit policy.
+
+    ``token`` may be a list: the last token and drafted ones (``octomil.engine.verify``), fed as
+    consecutive rows at full depth, with logits for every row.
+    """
 
     loop: LayerLoop
-    token: int | mx.array
+    token: int | mx.array | list[int]
     policy: ExitPolicy | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.token) if isinstance(self.token, list) else 1
 
 
 @dataclass
@@ -146,12 +155,12 @@ def decode_batch(
     max_rows = route.max_rows()  # 0: the route is off, no cap
     groups = []
     for k, item in enumerate(inputs):
-        loop = item.loop
-        can_exit = item.policy is not None and len(loop.pending) < MAX_PENDING_ROWS
-        groups.append(
-            _Group(k, loop, item.policy if can_exit else None, list(loop.pending), [loop.position])
-        )
-        loop.position += 1
+        loop, n = item.loop, item.rows
+        can_exit = item.policy is not None and n == 1 and len(loop.pending) < MAX_PENDING_ROWS
+        positions = list(range(loop.position, loop.position + n))
+        policy = item.policy if can_exit else None
+        groups.append(_Group(k, loop, policy, list(loop.pending), positions))
+        loop.position += n
     if len(inputs) == 1:
         h = anatomy.embed(_as_input(inputs[0].token))
     else:
@@ -184,19 +193,24 @@ def decode_batch(
             h = mx.concatenate([h[:, s.start : s.stop] for _, s in kept], axis=1)
     for g in active:
         g.loop.pending = []
-    if len(active) == 1:
+    # Each sequence's last ``rows`` rows are its fed tokens (catch-up rows come before them).
+    wanted = [inputs[g.index].rows for g in active]
+    if len(active) == 1 and wanted[0] == 1:
         logits_all = anatomy.logits(h[:, -1, :])
     else:
         ends = list(itertools.accumulate(len(g.positions) for g in active))
-        last = h[0, mx.array([e - 1 for e in ends])]  # (B, D): one head product for all
-        cap = max_rows or len(active)
-        pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
+        index = [r for e, n in zip(ends, wanted, strict=True) for r in range(e - n, e)]
+        rows = h[0, mx.array(index)]  # (sum(wanted), D): one head product for all
+        cap = max_rows or len(index)
+        pieces = [anatomy.logits(rows[a : a + cap]) for a in range(0, len(index), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
     measured = any(inputs[g.index].policy is not None for g in active)
     entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
+    firsts = list(itertools.accumulate(wanted, initial=0))
     for k, g in enumerate(active):
-        logits = logits_all if len(active) == 1 else logits_all[k : k + 1]
-        entropy = entropies[k] if inputs[g.index].policy is not None else g.entropy
+        a, b = firsts[k], firsts[k + 1]
+        logits = logits_all if len(wanted) == 1 else logits_all[a:b]
+        entropy = entropies[a] if inputs[g.index].policy is not None else g.entropy
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
 
@@ -245,8 +259,10 @@ def _exits(
     return leaving
 
 
-def _as_input(token: int | mx.array) -> mx.array:
-    """One token id as the (1, 1) input of a decode step."""
+def _as_input(token: int | mx.array | list[int]) -> mx.array:
+    """A step's token id(s) as its (1, rows) input."""
+    if isinstance(token, list):
+        return mx.array([token])
     return token.reshape(1, 1) if isinstance(token, mx.array) else mx.array([[token]])
 
 
@@ -284,9 +300,10 @@ class FullDepthLoop:
         self.position += 1
         return self.model(mx.array(tokens[-1:])[None], cache=self.cache)[:, -1, :]
 
-    def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
-        self.position += 1
-        logits = self.model(_as_input(token), cache=self.cache)[:, -1, :]
+    def decode(self, token: int | mx.array | list[int], policy: ExitPolicy | None) -> StepResult:
+        tokens = _as_input(token)
+        self.position += tokens.shape[1]
+        logits = self.model(tokens, cache=self.cache)[0]
         return StepResult(logits, self.num_layers, None, exited=False)
 
     def flush(self) -> None:

@@ -1,0 +1,114 @@
+"""Per-request speculative decoding: which drafter, how many tokens to draft, what was accepted.
+
+A :class:`Speculator` belongs to one :class:`~octomil.engine.generation.Generation`. Before a
+decode step it proposes up to K drafted tokens (:meth:`Speculator.propose`); the step verifies
+them as extra rows (``octomil.engine.verify``); afterwards :meth:`Speculator.observe` records how
+many were accepted and adapts K: all accepted -> K + 2, otherwise K - 1 (at least 1), capped by
+the request's ``num_tokens`` (the heuristic of Hugging Face's assisted generation).
+
+Modes: ``lookup`` (prompt lookup, ``octomil.engine.lookup``); ``auto`` drafts by lookup too but
+stops speculating for a request once its verifications do not pay (:data:`AUTO_MIN_GAIN`);
+``off``. Counters follow vLLM's speculative-decoding metrics: drafts, draft tokens, accepted
+tokens, accepted tokens per draft position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from octomil.engine.lookup import LookupDrafter
+
+MODES = ("off", "lookup", "auto")
+DEFAULT_NUM_TOKENS = 8
+# auto: a verification of r rows costs about 1 + ROW_COST * (r - 1) single steps (measured on the
+# embedded model, README "Speculative decoding"); speculation pays when the tokens a verification
+# yields (accepted + 1) exceed its cost. After AUTO_WARMUP drafts, a request whose tokens per
+# cost stay below AUTO_MIN_GAIN stops speculating.
+ROW_COST = 0.08
+AUTO_WARMUP = 4
+AUTO_MIN_GAIN = 1.0
+
+
+@dataclass(frozen=True)
+class SpeculativeSettings:
+    mode: str = "off"  # one of MODES
+    num_tokens: int = DEFAULT_NUM_TOKENS  # cap on drafted tokens per step
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"speculative mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass
+class SpeculativeStats:
+    """vLLM-style counters of one request (or summed over requests)."""
+
+    drafts: int = 0  # verification steps that carried at least one drafted token
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: drafts accepted at j
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Tokens a verification step yields: accepted drafts + the model's own next token."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+        while len(self.accepted_per_position) < drafted:
+            self.accepted_per_position.append(0)
+        for j in range(accepted):
+            self.accepted_per_position[j] += 1
+
+    def as_dict(self) -> dict[str, float | int | list[int]]:
+        return {
+            "drafts": self.drafts,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_per_step": round(self.mean_accepted_per_step, 4),
+            "accepted_per_position": list(self.accepted_per_position),
+        }
+
+
+class Speculator:
+    def __init__(self, settings: SpeculativeSettings, tokens: list[int]) -> None:
+        self.settings = settings
+        self.stats = SpeculativeStats()
+        self.k = min(settings.num_tokens, 4)
+        self.active = settings.enabled
+        self._drafter = LookupDrafter(tokens)
+        self._gain = 0.0  # sum over drafts of (accepted + 1) / cost
+
+    def extend(self, tokens: list[int]) -> None:
+        """Tokens emitted (or, first, the prompt): the text drafts are looked up in."""
+        self._drafter.extend(tokens)
+
+    def propose(self, room: int) -> list[int]:
+        """Drafts for the next step; ``room``: most tokens the step may add beyond its own."""
+        if not self.active:
+            return []
+        return self._drafter.draft(min(self.k, room))
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.stats.record(drafted, accepted)
+        self.k = (
+            min(self.settings.num_tokens, self.k + 2) if accepted == drafted else max(1, self.k - 1)
+        )
+        self._gain += (accepted + 1) / (1.0 + ROW_COST * drafted)
+        s = self.stats
+        if self.settings.mode == "auto" and s.drafts >= AUTO_WARMUP:
+            if self._gain / s.drafts < AUTO_MIN_GAIN:
+                self.active = False
