@@ -44,6 +44,12 @@ class SpeculativeSettings:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    def describe(self) -> str:
+        """``Enabled: mode=lookup, num_speculative_tokens=8`` or ``Disabled``."""
+        if not self.enabled:
+            return "Disabled"
+        return f"Enabled: mode={self.mode}, num_speculative_tokens={self.num_tokens}"
+
 
 @dataclass
 class SpeculativeStats:

@@ -24,8 +24,9 @@ from mlx_lm.models.cache import KVCache
 from octomil.engine.catch_up import MAX_PENDING_ROWS
 
 # A verification segment (catch-up rows + last token + drafts) must fit one few-row product
-# (``route.max_rows()``, 32) to stay batch invariant; 16 leaves room for neighbours in a pass.
-MAX_DRAFT_TOKENS = 16 - MAX_PENDING_ROWS - 1
+# (``route.max_rows()``, 32) to stay batch invariant.
+MAX_DRAFT_TOKENS = 12
+assert MAX_PENDING_ROWS + 1 + MAX_DRAFT_TOKENS <= 32
 
 
 def can_speculate(loop: Any) -> bool:

@@ -24,6 +24,7 @@ from octomil.cli_common import (
     check_model,
     fail,
 )
+from octomil.cli_speculative import check_speculative, speculative_settings
 from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve_early_exit
 
 _PRESETS = ", ".join(p.value for p in SpeedQuality)
@@ -51,6 +52,8 @@ class ServeFlags:
     dtype: str
     exit_policy: str | None
     log_level: str
+    speculative: str = "off"
+    num_speculative_tokens: int = 8
 
     def check(self) -> None:
         """Every check that needs no model; raises ConfigError naming the flag."""
@@ -71,6 +74,7 @@ class ServeFlags:
         check_dtype(self.dtype)
         check_model(self.model)
         check_exit_policy(self.exit_policy)
+        check_speculative(self.speculative, self.num_speculative_tokens)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -192,6 +196,18 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug, trace.")
     ] = "info",
+    speculative: Annotated[
+        str,
+        typer.Option(
+            help="Speculative decoding: off, lookup (prompt-lookup drafts), auto (lookup where it "
+            "pays, per request).",
+            envvar="OCTOMIL_SPECULATIVE",
+        ),
+    ] = "off",
+    num_speculative_tokens: Annotated[
+        int,
+        typer.Option(help="Most drafted tokens verified per step (adapts below it)."),
+    ] = 8,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
@@ -211,6 +227,8 @@ def serve(
             dtype=dtype,
             exit_policy=exit_policy,
             log_level=log_level.lower(),
+            speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
         )
         flags.check()
     except ConfigError as exc:
@@ -275,8 +293,11 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(done.exit_code)
+    engine.default_speculative = speculative_settings(flags)
     print(f"[engine] Selected: {engine.selection}", flush=True)
     print(f"[early-exit] {engine.effective_early_exit.describe()}", flush=True)
+    if engine.default_speculative.enabled:
+        print(f"[speculative] {engine.default_speculative.describe()}", flush=True)
     print(f"[serve] Listening on http://{flags.host}:{flags.port}", flush=True)
     if flags.settings.enabled:
         print(f"[early-exit] Policy: {engine.exit_choice.status}", flush=True)

@@ -114,6 +114,28 @@ EarlyExitField = Annotated[
 ]
 
 
+class SpeculativeOverride(BaseModel):
+    """Per-request speculative decoding; unset fields keep the server's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["off", "lookup", "auto"] | None = Field(
+        None, description="off, lookup (prompt lookup drafts), auto (lookup where it pays)."
+    )
+    num_speculative_tokens: Int | None = Field(
+        None, ge=1, le=12, description="Most drafted tokens verified per step."
+    )
+
+
+SpeculativeField = Annotated[
+    Bool | SpeculativeOverride | None,
+    Field(
+        description="Octomil extra: false for no speculation, true for the server default (auto "
+        'when the server does not speculate), or an object such as {"mode": "lookup"}.'
+    ),
+]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -213,6 +235,7 @@ class ChatCompletionRequest(_SamplingFields):
     functions: Unsupported = None
     function_call: Unsupported = None
     early_exit: EarlyExitField = None
+    speculative: SpeculativeField = None
 
     _unsupported_chat = field_validator(
         "tools", "tool_choice", "functions", "function_call", mode="before"
@@ -236,6 +259,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Int | None = Field(None, ge=0, le=5)
     suffix: Text | None = None
     early_exit: EarlyExitField = None
+    speculative: SpeculativeField = None
 
     _unsupported_completion = field_validator("best_of", mode="before")(_refuse_unsupported)
 
@@ -271,11 +295,23 @@ class EarlyExitUsage(BaseModel):
     total_layers: int
 
 
+class SpeculativeUsage(BaseModel):
+    """Speculative decoding of one request (vLLM's counters); absent when it did not speculate."""
+
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    mean_accepted_per_step: float
+    accepted_per_position: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     early_exit: EarlyExitUsage
+    speculative: SpeculativeUsage | None = None
 
 
 class TopLogprob(BaseModel):
