@@ -161,3 +161,22 @@ def test_batched_with_neighbours_identical(engines):
             got[id(g)].append(e.token_id)
     assert [got[id(g)] for g in gens] == alone
     assert gens[0].stats.speculative.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("prompt", [REPEAT, tuple(range(3, 40)), (7, 8, 7, 9, 7, 8, 7, 10) * 2])
+def test_auto_identical_including_after_it_stops_speculating(engines, prompt):
+    """auto may switch a request back to run-ahead decoding mid-way: tokens must not change."""
+    engine = engines["llama"]
+    params = SamplingParams(max_tokens=40)
+    auto = SpeculativeSettings("auto", num_tokens=6)
+    assert _run(engine, prompt, params, auto)[0] == _run(engine, prompt, params, OFF)[0]
+
+
+def test_auto_stops_where_drafts_are_rejected():
+    from octomil.engine.speculation import AUTO_WARMUP, Speculator
+
+    spec = Speculator(SpeculativeSettings("auto", 8), [1, 2, 3, 1, 2, 3])
+    for _ in range(AUTO_WARMUP):
+        assert spec.propose(8)
+        spec.observe(len(spec.propose(8)), 0)
+    assert not spec.active and spec.propose(8) == []

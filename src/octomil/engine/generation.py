@@ -136,7 +136,8 @@ class Generation:
         """No exit check can happen and selection needs no token ids: the next step may be
         built from this step's unevaluated token."""
         no_checks = self.policy is None or not self.policy.exit_layers
-        return no_checks and not self._sampler.needs_history and self._spec is None
+        speculating = self._spec is not None and self._spec.active
+        return no_checks and not self._sampler.needs_history and not speculating
 
     @property
     def wants_step(self) -> bool:

@@ -12,7 +12,10 @@ NGRAM_SIZES = (3, 2, 1)
 
 
 class LookupDrafter:
-    def __init__(self, tokens: list[int]) -> None:
+    """``min_n``: the shortest suffix that may match (1-token matches are the weakest drafts)."""
+
+    def __init__(self, tokens: list[int], min_n: int = 1) -> None:
+        self._sizes = tuple(n for n in NGRAM_SIZES if n >= min_n)
         self._tokens: list[int] = []
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after it
         self.extend(tokens)
@@ -31,7 +34,7 @@ class LookupDrafter:
         t = self._tokens
         if k <= 0:
             return []
-        for n in NGRAM_SIZES:
+        for n in self._sizes:
             if len(t) >= n:
                 start = self._after.get(tuple(t[-n:]))
                 if start is not None:

@@ -6,10 +6,12 @@ them as extra rows (``octomil.engine.verify``); afterwards :meth:`Speculator.obs
 many were accepted and adapts K: all accepted -> K + 2, otherwise K - 1 (at least 1), capped by
 the request's ``num_tokens`` (the heuristic of Hugging Face's assisted generation).
 
-Modes: ``lookup`` (prompt lookup, ``octomil.engine.lookup``); ``auto`` drafts by lookup too but
-stops speculating for a request once its verifications do not pay (:data:`AUTO_MIN_GAIN`);
-``off``. Counters follow vLLM's speculative-decoding metrics: drafts, draft tokens, accepted
-tokens, accepted tokens per draft position.
+Modes: ``lookup`` (prompt lookup, ``octomil.engine.lookup``); ``auto`` drafts by lookup from
+matches of at least two tokens only, starts with 2 drafted tokens, and stops speculating for a
+request once its verifications do not pay (:data:`AUTO_MIN_GAIN`), after which the request
+decodes as without speculation (its steps run ahead again); ``off``. Counters follow vLLM's
+speculative-decoding metrics: drafts, draft tokens, accepted tokens, accepted tokens per draft
+position.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ DEFAULT_NUM_TOKENS = 8
 # embedded model, README "Speculative decoding"); speculation pays when the tokens a verification
 # yields (accepted + 1) exceed its cost. After AUTO_WARMUP drafts, a request whose tokens per
 # cost stay below AUTO_MIN_GAIN stops speculating.
-ROW_COST = 0.08
+ROW_COST = 0.12
 AUTO_WARMUP = 4
 AUTO_MIN_GAIN = 1.0
 
@@ -93,9 +95,10 @@ class Speculator:
     def __init__(self, settings: SpeculativeSettings, tokens: list[int]) -> None:
         self.settings = settings
         self.stats = SpeculativeStats()
-        self.k = min(settings.num_tokens, 4)
+        auto = settings.mode == "auto"
+        self.k = min(settings.num_tokens, 2 if auto else 4)
         self.active = settings.enabled
-        self._drafter = LookupDrafter(tokens)
+        self._drafter = LookupDrafter(tokens, min_n=2 if auto else 1)
         self._gain = 0.0  # sum over drafts of (accepted + 1) / cost
 
     def extend(self, tokens: list[int]) -> None:
