@@ -1,9 +1,10 @@
 """Speculative decoding by prompt category: decode tok/s with speculation vs without, acceptance.
 
 Five categories (rewrites, code edits, extraction/quoting, summaries, open chat; three prompts
-each, ``benchmarks/prompts/speculative_prompts.jsonl``), greedy, EOS honoured, ``--tokens`` at
-most. For each drafter mode the runs alternate with runs without speculation in the same process
-(``octomil.calibrate.eval_speculative``), so ratios are measured under the same machine load.
+each in ``benchmarks/prompts/speculative_prompts.jsonl``, ``--per-category`` of them used),
+greedy, EOS honoured, ``--tokens`` at most. Per prompt, the run without speculation and one run
+per mode follow each other in an order that rotates from prompt to prompt, so ratios are measured
+under the same machine load (figures as in ``octomil eval --speculative``).
 Also measured, interleaved: the wall time of one verification step of r rows (last token +
 r - 1 drafts) over one single-row step, at a 200-token context: the cost model ``auto`` uses.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from octomil.calibrate.eval_speculative import evaluate_speculative
+from octomil.calibrate.eval_speculative import OFF, SpecResult, run, summarize
 from octomil.calibrate.evaluate import load_prompts
 from octomil.engine.engine import Engine
 from octomil.engine.layer_loop import LayerLoop
@@ -51,6 +52,29 @@ def verification_cost(engine: Engine, repeats: int) -> dict[str, float]:
             rollback(loop, r)
     base = statistics.median(times[1][1:])
     return {str(r): round(statistics.median(times[r][1:]) / base, 3) for r in ROWS}
+
+
+def compare(engine: Engine, prompts: list[dict], modes: list[str], k: int, tokens: int) -> dict:
+    settings = [OFF, *(SpeculativeSettings(m, k) for m in modes)]
+    warm = engine.encode_chat([{"role": "user", "content": "Hello"}])
+    for s in settings:
+        run(engine, warm, s, 4)  # warm-up, not measured
+    results: dict[str, list[SpecResult]] = {m: [] for m in modes}
+    for i, p in enumerate(prompts):
+        ids = engine.encode_chat([{"role": "user", "content": p["prompt"]}])
+        order = settings[i % len(settings) :] + settings[: i % len(settings)]
+        runs = {s.mode: run(engine, ids, s, tokens) for s in order}
+        for m in modes:
+            results[m].append(SpecResult(p["category"], runs["off"], runs[m]))
+        print(f"{i + 1}/{len(prompts)} {p['category']}", file=sys.stderr, flush=True)
+    out = {}
+    for m in modes:
+        out[m] = {"num_speculative_tokens": k, **summarize(results[m])}
+        cats = sorted({r.category for r in results[m]})
+        out[m]["per_category"] = {
+            c: summarize([r for r in results[m] if r.category == c]) for c in cats
+        }
+    return out
 
 
 def render(data: dict, path: Path) -> None:
@@ -83,14 +107,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--modes", default="lookup,auto")
     ap.add_argument("--num-speculative-tokens", type=int, default=8)
+    ap.add_argument("--per-category", type=int, default=2, help="prompts per category")
     ap.add_argument("--quick", action="store_true", help="one prompt per category, 24 tokens")
     args = ap.parse_args()
     engine = Engine.load(exit_policy="none")
-    prompts = load_prompts(PROMPTS)
     if args.quick:
-        seen: set[str] = set()
-        prompts = [p for p in prompts if not (p["category"] in seen or seen.add(p["category"]))]
-        args.tokens = 24
+        args.per_category, args.tokens = 1, 24
+    count: dict[str, int] = {}
+    prompts = []
+    for p in load_prompts(PROMPTS):
+        count[p["category"]] = count.get(p["category"], 0) + 1
+        if count[p["category"]] <= args.per_category:
+            prompts.append(p)
     data = {
         "model": engine.model_id,
         "cpu": cpu_model(),
@@ -98,15 +126,10 @@ def main() -> None:
         "tokens": args.tokens,
         "note": "2 shared cores (other engineers' tests running); ratios measured in one run",
         "verification_cost_vs_one_row": verification_cost(engine, 3 if args.quick else 8),
-        "modes": {},
+        "modes": compare(
+            engine, prompts, args.modes.split(","), args.num_speculative_tokens, args.tokens
+        ),
     }
-    for mode in args.modes.split(","):
-        settings = SpeculativeSettings(mode, args.num_speculative_tokens)
-
-        def progress(i: int, r, mode: str = mode) -> None:
-            print(f"[{mode}] {i + 1}/{len(prompts)} {r.category}", file=sys.stderr, flush=True)
-
-        data["modes"][mode] = evaluate_speculative(engine, prompts, settings, args.tokens, progress)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "speculative.json"
     out.write_text(json.dumps(data, indent=2) + "\n")
