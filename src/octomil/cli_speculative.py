@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from octomil.cli_common import check_model
 from octomil.config import ConfigError
 
 MODES = ("off", "lookup", "auto")
@@ -19,11 +20,24 @@ SELF_REFUSED = (
 )
 
 
+def draft_model_name(mode: str) -> str | None:
+    """NAME of ``model:NAME``, else None."""
+    name = mode.removeprefix("model:")
+    return name if name != mode else None
+
+
 def check_speculative(mode: str, num_tokens: int) -> None:
     if mode == "self":
         raise ConfigError(SELF_REFUSED)
-    if mode not in MODES:
-        raise ConfigError(f"--speculative must be one of {', '.join(MODES)}, got {mode!r}")
+    name = draft_model_name(mode)
+    if name is not None:
+        if not name:
+            raise ConfigError("--speculative model:NAME needs a model name or path")
+        check_model(name)
+    elif mode not in MODES:
+        raise ConfigError(
+            f"--speculative must be one of {', '.join(MODES)} or model:NAME, got {mode!r}"
+        )
     if not 1 <= num_tokens <= MAX_TOKENS:
         raise ConfigError(
             f"--num-speculative-tokens must be within 1..{MAX_TOKENS}, got {num_tokens}"

@@ -341,6 +341,11 @@ def _eval_speculative(
     _check(model, dtype, None)
     engine = _load(model, dtype, "none")
     settings = SpeculativeSettings(mode, num_tokens)
+    if settings.draft_model is not None:
+        try:
+            engine.load_draft_model(settings.draft_model, dtype)
+        except ValueError as exc:  # DraftModelError, ModelNotAvailableError
+            fail(str(exc))
     if not as_json:
         typer.echo(f"[engine] Selected: {engine.selection}", err=True)
         typer.echo(f"[speculative] {settings.describe()}", err=True)

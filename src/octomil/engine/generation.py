@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from octomil.engine.draft_model import DraftModelDrafter
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
 from octomil.engine.layer_loop import prefill_chunks as _prefill_chunks
@@ -59,7 +60,9 @@ class Generation:
         vocab_size: int,
         prefill_chunk: int = PREFILL_STEP,
         speculative: SpeculativeSettings | None = None,
+        draft_model: Any = None,
     ) -> None:
+        """``draft_model``: the LoadedModel drafting for a ``model:NAME`` speculative mode."""
         self.loop = loop
         self.prompt = prompt
         self.params = params
@@ -83,7 +86,8 @@ class Generation:
         # speculate (its tokens would differ from the same request decoded without speculation).
         exits = policy is not None and bool(policy.exit_layers)
         if speculative is not None and speculative.enabled and not exits and can_speculate(loop):
-            self._spec = Speculator(speculative, prompt)
+            drafter = None if draft_model is None else DraftModelDrafter(draft_model, prompt)
+            self._spec = Speculator(speculative, prompt, drafter)
             self.stats.speculative = self._spec.stats
 
     # ------------------------------------------------------------------ callers' side

@@ -17,6 +17,7 @@ position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from octomil.engine.lookup import LookupDrafter
 
@@ -33,18 +34,24 @@ AUTO_MIN_GAIN = 1.0
 
 @dataclass(frozen=True)
 class SpeculativeSettings:
-    mode: str = "off"  # one of MODES
+    mode: str = "off"  # one of MODES, or "model:NAME" (a draft model)
     num_tokens: int = DEFAULT_NUM_TOKENS  # cap on drafted tokens per step
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"speculative mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in MODES and not self.draft_model:
+            raise ValueError(f"speculative mode must be one of {MODES} or model:NAME")
         if self.num_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def draft_model(self) -> str | None:
+        """NAME of ``model:NAME``, else None."""
+        name = self.mode.removeprefix("model:")
+        return name if name != self.mode and name else None
 
     def describe(self) -> str:
         """``Enabled: mode=lookup, num_speculative_tokens=8`` or ``Disabled``."""
@@ -91,14 +98,21 @@ class SpeculativeStats:
         }
 
 
+class Drafter(Protocol):
+    def extend(self, tokens: list[int]) -> None: ...
+    def draft(self, k: int) -> list[int]: ...
+
+
 class Speculator:
-    def __init__(self, settings: SpeculativeSettings, tokens: list[int]) -> None:
+    def __init__(
+        self, settings: SpeculativeSettings, tokens: list[int], drafter: Drafter | None = None
+    ) -> None:
         self.settings = settings
         self.stats = SpeculativeStats()
         auto = settings.mode == "auto"
         self.k = min(settings.num_tokens, 2 if auto else 4)
         self.active = settings.enabled
-        self._drafter = LookupDrafter(tokens, min_n=2 if auto else 1)
+        self._drafter = drafter or LookupDrafter(tokens, min_n=2 if auto else 1)
         self._gain = 0.0  # sum over drafts of (accepted + 1) / cost
 
     def extend(self, tokens: list[int]) -> None:

@@ -200,7 +200,7 @@ def serve(
         str,
         typer.Option(
             help="Speculative decoding: off, lookup (prompt-lookup drafts), auto (lookup where it "
-            "pays, per request).",
+            "pays, per request), model:NAME (a draft model with the same tokenizer).",
             envvar="OCTOMIL_SPECULATIVE",
         ),
     ] = "off",
@@ -264,13 +264,20 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
     from octomil.server.engine_client import EngineClient
     from octomil.server.serving import ServeOptions
 
-    client = EngineClient(
-        lambda: Engine.load(
+    def load() -> Engine:
+        engine = Engine.load(
             flags.model,
             dtype=flags.dtype,
             early_exit=flags.settings,
             exit_policy=flags.exit_policy,
-        ),
+        )
+        engine.default_speculative = speculative_settings(flags)
+        if (draft := engine.default_speculative.draft_model) is not None:
+            engine.load_draft_model(draft, flags.dtype)  # DraftModelError: a ValueError
+        return engine
+
+    client = EngineClient(
+        load,
         max_concurrency=flags.max_concurrency,
         max_batch_size=flags.max_batch_size,
         max_kv_tokens=flags.max_kv_tokens or "auto",
@@ -293,7 +300,6 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(done.exit_code)
-    engine.default_speculative = speculative_settings(flags)
     print(f"[engine] Selected: {engine.selection}", flush=True)
     print(f"[early-exit] {engine.effective_early_exit.describe()}", flush=True)
     if engine.default_speculative.enabled:

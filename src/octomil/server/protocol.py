@@ -119,8 +119,11 @@ class SpeculativeOverride(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["off", "lookup", "auto"] | None = Field(
-        None, description="off, lookup (prompt lookup drafts), auto (lookup where it pays)."
+    mode: Text | None = Field(
+        None,
+        pattern=r"^(off|lookup|auto|model:.+)$",
+        description="off, lookup (prompt lookup drafts), auto (lookup where it pays), "
+        "model:NAME (a draft model the server loaded).",
     )
     num_speculative_tokens: Int | None = Field(
         None, ge=1, le=12, description="Most drafted tokens verified per step."
