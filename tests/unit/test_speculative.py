@@ -180,3 +180,27 @@ def test_auto_stops_where_drafts_are_rejected():
         assert spec.propose(8)
         spec.observe(len(spec.propose(8)), 0)
     assert not spec.active and spec.propose(8) == []
+
+
+@pytest.mark.parametrize("threshold", [0.5, 2.0])
+def test_with_early_exit_identical_to_early_exit_without_speculation(tokenizer, threshold):
+    """The verifier decides exits row by row as one-token steps would (same checks, same pending
+    limit), so tokens equal early exit without speculation, which differ from full depth here."""
+    from tiny_models import sharpen
+
+    from octomil.config import EarlyExitSettings
+
+    settings = EarlyExitSettings(threshold=threshold, min_layers_fraction=0.25)
+    # Half-sharpened: exits happen, and exited tokens are not always the full-depth ones.
+    engine = tiny_engine(sharpen(make_tiny_model("llama"), 2.0, 2.0), tokenizer, settings)
+    params = SamplingParams(max_tokens=40)
+
+    def run(spec, exits=settings):
+        gen = engine.generate(GenerationRequest(REPEAT, params, exits, spec))
+        return [e.token_id for e in gen], gen.stats
+
+    plain, plain_stats = run(OFF)
+    spec, stats = run(LOOKUP)
+    assert spec == plain
+    assert plain_stats.early_exit_tokens > 0 and stats.speculative.accepted_tokens > 0
+    assert plain != run(OFF, EarlyExitSettings())[0]  # the exits matter to the tokens

@@ -82,10 +82,7 @@ class Generation:
         self.stats = GenerationStats(total_layers=loop.num_layers, prompt_tokens=len(prompt))
         self._spec: Speculator | None = None
         self._drafts: list[int] = []  # drafted tokens riding in the current step
-        # Verification runs at full depth: a request whose policy places exit checks does not
-        # speculate (its tokens would differ from the same request decoded without speculation).
-        exits = policy is not None and bool(policy.exit_layers)
-        if speculative is not None and speculative.enabled and not exits and can_speculate(loop):
+        if speculative is not None and speculative.enabled and can_speculate(loop):
             drafter = None if draft_model is None else DraftModelDrafter(draft_model, prompt)
             self._spec = Speculator(speculative, prompt, drafter)
             self.stats.speculative = self._spec.stats
@@ -159,12 +156,16 @@ class Generation:
         if self._queued:
             return self._queued[-1].token, self.policy
         last = self._history[-1]
-        if self._spec is not None:
+        first = not self.stats.completion_tokens
+        exits = self.policy is not None and bool(self.policy.exit_layers)
+        # The first answer token is decided at full depth, its successors by the exit policy:
+        # with exit checks, a verification starts from the second token so all its rows share one.
+        if self._spec is not None and not (first and exits):
             room = self.params.max_tokens - self.stats.completion_tokens - 1
             self._drafts = self._spec.propose(min(room, MAX_DRAFT_TOKENS))
             if self._drafts:
-                return [last, *self._drafts], None
-        return last, self.policy if self.stats.completion_tokens else None
+                return [last, *self._drafts], None if first else self.policy
+        return last, None if first else self.policy
 
     def select(self, step: StepResult) -> Selection:
         """Sample lazily from a step's logits and queue the token for emission."""
@@ -200,6 +201,8 @@ class Generation:
             m, follow = accept_sampled(sample_logits, drafts, sampler.next_key())
             tokens = [*drafts[:m], follow]
         rollback(self.loop, len(drafts) - m)
+        if step.row_pending:  # exits decided inside the verification (``verify``)
+            self.loop.virtual_pending = step.row_pending[m]  # type: ignore[union-attr]
         self._spec.observe(len(drafts), m)
         selection = None
         for j, token in enumerate(tokens):

@@ -9,7 +9,7 @@ through the layers it skipped, so the KV cache stays exactly the full-depth cach
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -19,6 +19,7 @@ from octomil.blas import route
 from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
 from octomil.engine.ragged import Segment, run_layer
+from octomil.engine.verify import exits_in_verification
 from octomil.models.anatomy import Anatomy
 
 # Same chunking as mlx_lm.generate_step, so full-depth prefill matches stock mlx-lm bit for bit.
@@ -40,6 +41,9 @@ class StepResult:
     depth: int  # layers this token ran (1-based); == total layers at full depth
     entropy: float | None  # entropy (nats) of the distribution it was emitted from, when measured
     exited: bool
+    # A verification with an exit policy: per row, the pending-row count after it as decoding
+    # without speculation would have it (``octomil.engine.verify``).
+    row_pending: tuple[int, ...] = ()
 
 
 class LayerLoop:
@@ -50,6 +54,9 @@ class LayerLoop:
         self.cache = make_prompt_cache(model)
         self.pending: list[PendingRow] = []
         self.position = 0  # number of tokens fed so far
+        # Exited rows a verification already ran to full depth that decoding without
+        # speculation would still hold pending: they count against MAX_PENDING_ROWS.
+        self.virtual_pending = 0
 
     @property
     def num_layers(self) -> int:
@@ -136,6 +143,9 @@ class _Group:
     waiting: list[PendingRow]  # catch-up rows that have not joined yet
     positions: list[int]  # positions of this sequence's rows in the batch, ascending
     entropy: float | None = None
+    rows: int = 1  # fed tokens (the last rows); > 1: a verification, which never leaves
+    pending_before: int = 0
+    row_exits: dict[int, ExitDecision] = field(default_factory=dict)  # verification rows
 
 
 # What a confident row does while its neighbours continue: "row" leaves alone (its catch-up row
@@ -156,10 +166,12 @@ def decode_batch(
     groups = []
     for k, item in enumerate(inputs):
         loop, n = item.loop, item.rows
-        can_exit = item.policy is not None and n == 1 and len(loop.pending) < MAX_PENDING_ROWS
+        pending = len(loop.pending) + loop.virtual_pending
+        can_exit = item.policy is not None and (n > 1 or pending < MAX_PENDING_ROWS)
         positions = list(range(loop.position, loop.position + n))
         policy = item.policy if can_exit else None
-        groups.append(_Group(k, loop, policy, list(loop.pending), positions))
+        groups.append(_Group(k, loop, policy, list(loop.pending), positions, rows=n))
+        groups[-1].pending_before = pending
         loop.position += n
     if len(inputs) == 1:
         h = anatomy.embed(_as_input(inputs[0].token))
@@ -193,6 +205,7 @@ def decode_batch(
             h = mx.concatenate([h[:, s.start : s.stop] for _, s in kept], axis=1)
     for g in active:
         g.loop.pending = []
+        g.loop.virtual_pending = 0
     # Each sequence's last ``rows`` rows are its fed tokens (catch-up rows come before them).
     wanted = [inputs[g.index].rows for g in active]
     if len(active) == 1 and wanted[0] == 1:
@@ -211,6 +224,10 @@ def decode_batch(
         a, b = firsts[k], firsts[k + 1]
         logits = logits_all if len(wanted) == 1 else logits_all[a:b]
         entropy = entropies[a] if inputs[g.index].policy is not None else g.entropy
+        if g.rows > 1 and g.policy is not None:  # rows that exit take their exit's logits
+            logits, row_pending = exits_in_verification(logits, g.row_exits, g.pending_before)
+            results[g.index] = StepResult(logits, anatomy.num_layers, None, False, row_pending)
+            continue
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
 
@@ -239,17 +256,26 @@ def _exits(
     exit_rule: str,
 ) -> list[tuple[_Group, ExitDecision]]:
     """The sequences whose token leaves after ``depth`` layers, with their decisions."""
-    by_policy: dict[ExitPolicy, list[tuple[_Group, Segment]]] = {}
+    by_policy: dict[ExitPolicy, list[tuple[_Group, int]]] = {}  # (group, row in the batch)
     for g, seg in zip(active, segments, strict=True):
         if g.policy is not None and g.policy.checks_after(depth):
-            by_policy.setdefault(g.policy, []).append((g, seg))  # equal policies share
+            # A verification's rows not exited yet are checked too (``verify``); never leave.
+            rows = [seg.stop - g.rows + j for j in range(g.rows) if j not in g.row_exits]
+            for row in rows:
+                by_policy.setdefault(g.policy, []).append((g, row))  # equal policies share
     decided = []
     for rows in by_policy.values():  # one head product per policy for all its rows
         policy = rows[0][0].policy
         assert policy is not None
-        last = [seg.stop - 1 for _, seg in rows]
+        last = [row for _, row in rows]
         hidden = h[:, last[0], :] if len(rows) == 1 else h[0, mx.array(last)]
-        for (g, _), decision in zip(rows, policy.decide_rows(anatomy, hidden, depth), strict=True):
+        stops = {id(g): seg.stop for g, seg in zip(active, segments, strict=True)}
+        decisions = policy.decide_rows(anatomy, hidden, depth)
+        for (g, row), decision in zip(rows, decisions, strict=True):
+            if g.rows > 1:
+                if decision.exit:
+                    g.row_exits[row - stops[id(g)] + g.rows] = decision
+                continue
             if decision.entropy is not None:
                 g.entropy = decision.entropy
             decided.append((g, decision))

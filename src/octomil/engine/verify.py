@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from octomil.engine.catch_up import MAX_PENDING_ROWS
@@ -42,6 +43,28 @@ def rollback(loop: Any, rows: int) -> None:
     for c in loop.cache:
         c.trim(rows)
     loop.position -= rows
+
+
+def exits_in_verification(
+    logits: mx.array, exits: dict[int, Any], pending: int
+) -> tuple[mx.array, tuple[int, ...]]:
+    """A verification under an exit policy decides each row as a one-token step would: row j
+    exits at the first check whose decision says so (``exits[j]``, from the same hidden state
+    and head), unless as many rows as ``MAX_PENDING_ROWS`` are pending before it (``pending``
+    at the start, +1 per exited row, 0 after a full-depth row). Returns the rows' logits (an
+    exited row's from its exit) and the pending count after each row; every row still ran to
+    full depth, so the cache is complete (``LayerLoop.virtual_pending`` keeps the count)."""
+    rows, after = [], []
+    for j in range(logits.shape[0]):
+        decision = exits.get(j)
+        if decision is not None and pending < MAX_PENDING_ROWS:
+            rows.append(decision.logits)
+            pending += 1
+        else:
+            rows.append(logits[j : j + 1])
+            pending = 0
+        after.append(pending)
+    return mx.concatenate(rows, axis=0), tuple(after)
 
 
 def accepted_greedy(targets: list[int], drafts: list[int]) -> int:
