@@ -238,8 +238,24 @@ def eval_command(
     ] = None,
     dtype: DtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Measure speculative decoding (lookup, auto) against no speculation instead",
+        ),
+    ] = None,
+    num_speculative_tokens: Annotated[
+        int, typer.Option("--num-speculative-tokens", help="Most drafted tokens per step")
+    ] = 8,
 ) -> None:
-    """Agreement with full depth (teacher-forced), exact match, layers and speed, per category."""
+    """Agreement with full depth (teacher-forced), exact match, layers and speed, per category;
+    with ``--speculative``: exact match, acceptance and speed of speculative decoding."""
+    if speculative is not None and speculative != "off":
+        _eval_speculative(
+            model, prompts, speculative, num_speculative_tokens, max_tokens, limit, dtype, as_json
+        )
+        return
     try:
         if speed_quality is None and early_exit_threshold is None:
             speed_quality = SpeedQuality.balanced
@@ -295,6 +311,71 @@ def eval_command(
         typer.echo(json.dumps(summary))
         return
     _print_table(summary)
+
+
+def _eval_speculative(
+    model: str | None,
+    prompts: Path | None,
+    mode: str,
+    num_tokens: int,
+    max_tokens: int,
+    limit: int | None,
+    dtype: str,
+    as_json: bool,
+) -> None:
+    from octomil.cli_speculative import check_speculative
+
+    try:
+        check_speculative(mode, num_tokens)
+    except ConfigError as exc:
+        fail(str(exc))
+    from octomil.calibrate.eval_speculative import evaluate_speculative
+    from octomil.calibrate.evaluate import PromptFileError, load_prompts
+    from octomil.calibrate.prompts import eval_prompts_path
+    from octomil.engine.speculation import SpeculativeSettings
+
+    try:
+        rows = load_prompts(prompts or eval_prompts_path(), limit)
+    except PromptFileError as exc:
+        fail(str(exc))
+    _check(model, dtype, None)
+    engine = _load(model, dtype, "none")
+    settings = SpeculativeSettings(mode, num_tokens)
+    if settings.draft_model is not None:
+        try:
+            engine.load_draft_model(settings.draft_model, dtype)
+        except ValueError as exc:  # DraftModelError, ModelNotAvailableError
+            fail(str(exc))
+    if not as_json:
+        typer.echo(f"[engine] Selected: {engine.selection}", err=True)
+        typer.echo(f"[speculative] {settings.describe()}", err=True)
+
+    def on_prompt(i: int, r) -> None:
+        if not as_json:
+            s = r.spec.spec
+            typer.echo(
+                f"[eval] {i + 1}/{len(rows)} {r.category}: exact "
+                f"{'yes' if r.plain.tokens == r.spec.tokens else 'no'}, accepted "
+                f"{s.accepted_tokens if s else 0}/{s.draft_tokens if s else 0}",
+                err=True,
+            )
+
+    summary = {"model": engine.model_id}
+    summary |= evaluate_speculative(engine, rows, settings, max_tokens, on_prompt)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"{'category':<12} {'prompts':>7} {'exact':>6} {'agree':>7} {'accept':>7} "
+        f"{'tok/step':>8} {'tok/s':>7} {'plain':>7} {'speedup':>8}"
+    )
+    for name, r in [*summary["per_category"].items(), ("all", summary)]:
+        typer.echo(
+            f"{name:<12} {r['prompts']:>7} {r['exact_match']:>6.0%} {r['token_agreement']:>7.2%} "
+            f"{r['acceptance_rate']:>7.2%} {r['mean_accepted_per_step']:>8.2f} "
+            f"{r['decode_tokens_per_s']:>7.2f} {r['decode_tokens_per_s_full_depth']:>7.2f} "
+            f"{r['speedup_vs_full_depth']:>7.3f}x"
+        )
 
 
 def _print_table(s: dict) -> None:

@@ -17,12 +17,14 @@ import mlx.core as mx
 
 from octomil import blas
 from octomil.config import EarlyExitSettings
+from octomil.engine.draft_model import check_same_vocabulary
 from octomil.engine.errors import EngineInputError, PromptTooLongError
 from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, resolve_exit_policy
 from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
+from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.token_classes import never_exit_mask
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.kernels import decode
@@ -65,6 +67,10 @@ class Engine:
         # Prompt tokens fed per prefill chunk; a server sets its per-step budget here. A prompt is
         # cut the same way whether it is served alone or batched, so its answer is the same.
         self.prefill_chunk = PREFILL_STEP
+        # Speculative decoding for requests that do not choose (``--speculative``), and the
+        # draft models ``model:NAME`` modes may use (``add_draft_model``).
+        self.default_speculative = SpeculativeSettings()
+        self.draft_models: dict[str, LoadedModel] = {}
         # Rows of the embedding: tokenizer.vocab_size leaves out added special tokens.
         self._vocab_size = int(getattr(loaded.model.args, "vocab_size", 0) or len(self.tokenizer))
         self.never_exit: mx.array | None = None  # set_never_exit
@@ -244,6 +250,17 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self._vocab_size]
         if bad:
             raise EngineInputError(f"prompt token ids out of range: {bad[:5]}", param="prompt")
+        speculative = request.speculative or self.default_speculative
+        draft = None
+        if speculative.draft_model is not None:
+            draft = self.draft_models.get(speculative.draft_model)
+            if draft is None:
+                raise EngineInputError(
+                    f"draft model {speculative.draft_model!r} is not loaded on this server "
+                    f"(loaded: {sorted(self.draft_models) or 'none'}; start it with "
+                    "--speculative model:NAME)",
+                    param="speculative.mode",
+                )
         model = self.loaded.model
         anatomy = self.loaded.anatomy
         loop: LayerLoop | FullDepthLoop
@@ -261,4 +278,15 @@ class Engine:
             self.loaded.eos_token_ids,
             self._vocab_size,
             self.prefill_chunk,
+            speculative,
+            draft,
         )
+
+    def add_draft_model(self, name: str, loaded: LoadedModel) -> None:
+        """Let ``model:NAME`` requests draft with ``loaded``; raises DraftModelError (a
+        ValueError) when its vocabulary differs from the served model's."""
+        check_same_vocabulary(name, self.loaded, loaded)
+        self.draft_models[name] = loaded
+
+    def load_draft_model(self, name: str, dtype: str = "auto") -> None:
+        self.add_draft_model(name, load_model(name, dtype))

@@ -19,12 +19,16 @@ from typing import Any
 
 import mlx.core as mx
 
+from octomil.engine.draft_model import DraftModelDrafter
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
 from octomil.engine.layer_loop import prefill_chunks as _prefill_chunks
 from octomil.engine.sampling import Sampler, top_logprobs
+from octomil.engine.spec_accept import accept_sampled
+from octomil.engine.speculation import SpeculativeSettings, Speculator
 from octomil.engine.text_stream import TextStream
 from octomil.engine.types import GenerationStats, SamplingParams, TokenEvent, TokenLogprob
+from octomil.engine.verify import MAX_DRAFT_TOKENS, accepted_greedy, can_speculate, rollback
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,10 @@ class Generation:
         eos_token_ids: frozenset[int],
         vocab_size: int,
         prefill_chunk: int = PREFILL_STEP,
+        speculative: SpeculativeSettings | None = None,
+        draft_model: Any = None,
     ) -> None:
+        """``draft_model``: the LoadedModel drafting for a ``model:NAME`` speculative mode."""
         self.loop = loop
         self.prompt = prompt
         self.params = params
@@ -73,6 +80,12 @@ class Generation:
         self._first_token_at: float | None = None
         self.finished = False
         self.stats = GenerationStats(total_layers=loop.num_layers, prompt_tokens=len(prompt))
+        self._spec: Speculator | None = None
+        self._drafts: list[int] = []  # drafted tokens riding in the current step
+        if speculative is not None and speculative.enabled and can_speculate(loop):
+            drafter = None if draft_model is None else DraftModelDrafter(draft_model, prompt)
+            self._spec = Speculator(speculative, prompt, drafter)
+            self.stats.speculative = self._spec.stats
 
     # ------------------------------------------------------------------ callers' side
 
@@ -124,7 +137,8 @@ class Generation:
         """No exit check can happen and selection needs no token ids: the next step may be
         built from this step's unevaluated token."""
         no_checks = self.policy is None or not self.policy.exit_layers
-        return no_checks and not self._sampler.needs_history
+        speculating = self._spec is not None and self._spec.active
+        return no_checks and not self._sampler.needs_history and not speculating
 
     @property
     def wants_step(self) -> bool:
@@ -135,17 +149,28 @@ class Generation:
     def queued(self) -> int:
         return len(self._queued)
 
-    def next_input(self) -> tuple[int | mx.array, ExitPolicy | None]:
+    def next_input(self) -> tuple[int | mx.array | list[int], ExitPolicy | None]:
         """The token to decode next and the exit policy of that step (the prompt's last token,
-        which yields the first answer token, always runs at full depth)."""
+        which yields the first answer token, always runs at full depth). A speculating request
+        returns its last token followed by drafted tokens, verified at full depth."""
         if self._queued:
             return self._queued[-1].token, self.policy
-        if self.stats.completion_tokens:
-            return self._history[-1], self.policy
-        return self.prompt[-1], None
+        last = self._history[-1]
+        first = not self.stats.completion_tokens
+        exits = self.policy is not None and bool(self.policy.exit_layers)
+        # The first answer token is decided at full depth, its successors by the exit policy:
+        # with exit checks, a verification starts from the second token so all its rows share one.
+        if self._spec is not None and not (first and exits):
+            room = self.params.max_tokens - self.stats.completion_tokens - 1
+            self._drafts = self._spec.propose(min(room, MAX_DRAFT_TOKENS))
+            if self._drafts:
+                return [last, *self._drafts], None if first else self.policy
+        return last, None if first else self.policy
 
     def select(self, step: StepResult) -> Selection:
         """Sample lazily from a step's logits and queue the token for emission."""
+        if self._drafts:
+            return self._select_verified(step)
         history = self._history if self._sampler.needs_history else None
         token, logprobs = self._sampler.select(step.logits, history)
         entropy = None
@@ -155,12 +180,46 @@ class Generation:
         self._queued.append(selection)
         return selection
 
+    def _select_verified(self, step: StepResult) -> Selection:
+        """Keep the longest accepted prefix of the drafts plus the token that follows it; queue
+        them all and trim the rejected rows from the cache (``octomil.engine.verify``)."""
+        assert self._spec is not None
+        drafts, self._drafts = self._drafts, []
+        sampler = self._sampler
+        history = self._history if sampler.needs_history else None
+        targets, rows = [], []
+        for j in range(len(drafts) + 1):
+            seen = None if history is None else history + drafts[:j]
+            targets.append(sampler.target(step.logits[j : j + 1], seen))
+            rows.append(targets[-1][1])
+        if targets[0][0] is None:  # greedy: the rows' argmax, one sync
+            chosen = mx.argmax(mx.concatenate(rows, axis=0), axis=-1).tolist()
+            m = accepted_greedy(chosen, drafts)
+            tokens = [*drafts[:m], chosen[m]]
+        else:
+            sample_logits = mx.concatenate([t for t, _ in targets], axis=0)  # type: ignore[misc]
+            m, follow = accept_sampled(sample_logits, drafts, sampler.next_key())
+            tokens = [*drafts[:m], follow]
+        rollback(self.loop, len(drafts) - m)
+        if step.row_pending:  # exits decided inside the verification (``verify``)
+            self.loop.virtual_pending = step.row_pending[m]  # type: ignore[union-attr]
+        self._spec.observe(len(drafts), m)
+        selection = None
+        for j, token in enumerate(tokens):
+            row = replace(step, logits=step.logits[j : j + 1], entropy=None)
+            selection = Selection(row, mx.array([token]), rows[j], None)
+            self._queued.append(selection)
+        assert selection is not None
+        return selection
+
     def emit(self) -> TokenEvent:
         """Read the oldest queued token (evaluating it if needed) and turn it into an event."""
         current = self._queued.popleft()
         token = int(current.token.item())
         step = current.resolved_step()
         self._history.append(token)
+        if self._spec is not None:
+            self._spec.extend([token])
         now = time.perf_counter()
         stats = self.stats
         if self._first_token_at is None:

@@ -9,7 +9,7 @@ through the layers it skipped, so the KV cache stays exactly the full-depth cach
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -20,6 +20,7 @@ from octomil.engine.catch_up import MAX_PENDING_ROWS, PendingRow, rows_joining
 from octomil.engine.exit_policy import ExitDecision, ExitPolicy, entropy_nats
 from octomil.engine.ragged import Segment, run_layer
 from octomil.engine.shadow import ShadowBook
+from octomil.engine.verify import exits_in_verification
 from octomil.models.anatomy import Anatomy
 
 # Same chunking as mlx_lm.generate_step, so full-depth prefill matches stock mlx-lm bit for bit.
@@ -37,10 +38,13 @@ def prefill_chunks(prompt_len: int, chunk: int) -> list[slice]:
 
 @dataclass(frozen=True)
 class StepResult:
-    logits: mx.array  # (1, vocab), for the token just decoded
+    logits: mx.array  # (rows, vocab): one row per token fed (several when verifying a draft)
     depth: int  # layers this token ran (1-based); == total layers at full depth
     entropy: float | None  # entropy (nats) of the distribution it was emitted from, when measured
     exited: bool
+    # A verification with an exit policy: per row, the pending-row count after it as decoding
+    # without speculation would have it (``octomil.engine.verify``).
+    row_pending: tuple[int, ...] = ()
 
 
 class LayerLoop:
@@ -52,6 +56,9 @@ class LayerLoop:
         self.pending: list[PendingRow] = []
         self.position = 0  # number of tokens fed so far
         self.shadow = ShadowBook()
+        # Exited rows a verification already ran to full depth that decoding without
+        # speculation would still hold pending: they count against MAX_PENDING_ROWS.
+        self.virtual_pending = 0
 
     @property
     def num_layers(self) -> int:
@@ -88,8 +95,9 @@ class LayerLoop:
         self.position += 1
         return self.anatomy.logits(h[:, -1, :])
 
-    def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
-        """Feed one generated token; stop after the first candidate layer whose entropy passes.
+    def decode(self, token: int | mx.array | list[int], policy: ExitPolicy | None) -> StepResult:
+        """Feed one generated token (or a verification's tokens, see ``DecodeInput``); stop
+        after the first candidate layer whose entropy passes.
 
         ``token`` may be a not-yet-evaluated (1,) array, so the next step can be queued early.
         """
@@ -113,11 +121,19 @@ class LayerLoop:
 
 @dataclass(frozen=True)
 class DecodeInput:
-    """One sequence's part of a batched decode step: its loop, its next token, its exit policy."""
+    """One sequence's part of a batched decode step: its loop, its next token, its exit policy.
+
+    ``token`` may be a list: the last token and drafted ones (``octomil.engine.verify``), fed as
+    consecutive rows at full depth, with logits for every row.
+    """
 
     loop: LayerLoop
-    token: int | mx.array
+    token: int | mx.array | list[int]
     policy: ExitPolicy | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.token) if isinstance(self.token, list) else 1
 
 
 @dataclass
@@ -130,6 +146,9 @@ class _Group:
     waiting: list[PendingRow]  # catch-up rows that have not joined yet
     positions: list[int]  # positions of this sequence's rows in the batch, ascending
     entropy: float | None = None
+    rows: int = 1  # fed tokens (the last rows); > 1: a verification, which never leaves
+    pending_before: int = 0
+    row_exits: dict[int, ExitDecision] = field(default_factory=dict)  # verification rows
 
 
 # What a confident row does while its neighbours continue: "row" leaves alone (its catch-up row
@@ -149,12 +168,14 @@ def decode_batch(
     max_rows = route.max_rows()  # 0: the route is off, no cap
     groups = []
     for k, item in enumerate(inputs):
-        loop = item.loop
-        can_exit = item.policy is not None and len(loop.pending) < MAX_PENDING_ROWS
-        groups.append(
-            _Group(k, loop, item.policy if can_exit else None, list(loop.pending), [loop.position])
-        )
-        loop.position += 1
+        loop, n = item.loop, item.rows
+        pending = len(loop.pending) + loop.virtual_pending
+        can_exit = item.policy is not None and (n > 1 or pending < MAX_PENDING_ROWS)
+        positions = list(range(loop.position, loop.position + n))
+        policy = item.policy if can_exit else None
+        groups.append(_Group(k, loop, policy, list(loop.pending), positions, rows=n))
+        groups[-1].pending_before = pending
+        loop.position += n
     if len(inputs) == 1:
         h = anatomy.embed(_as_input(inputs[0].token))
     else:
@@ -194,20 +215,30 @@ def decode_batch(
             h = mx.concatenate([h[:, s.start : s.stop] for _, s in kept], axis=1)
     for g in active:
         g.loop.pending = []
-    if len(active) == 1:
+        g.loop.virtual_pending = 0
+    # Each sequence's last ``rows`` rows are its fed tokens (catch-up rows come before them).
+    wanted = [inputs[g.index].rows for g in active]
+    if len(active) == 1 and wanted[0] == 1:
         logits_all = anatomy.logits(h[:, -1, :])
     else:
         ends = list(itertools.accumulate(len(g.positions) for g in active))
-        last = h[0, mx.array([e - 1 for e in ends])]  # (B, D): one head product for all
-        cap = max_rows or len(active)
-        pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
+        index = [r for e, n in zip(ends, wanted, strict=True) for r in range(e - n, e)]
+        rows = h[0, mx.array(index)]  # (sum(wanted), D): one head product for all
+        cap = max_rows or len(index)
+        pieces = [anatomy.logits(rows[a : a + cap]) for a in range(0, len(index), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
     _shadow_compare(anatomy, h, active)
     measured = any(inputs[g.index].policy is not None for g in active)
     entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
+    firsts = list(itertools.accumulate(wanted, initial=0))
     for k, g in enumerate(active):
-        logits = logits_all if len(active) == 1 else logits_all[k : k + 1]
-        entropy = entropies[k] if inputs[g.index].policy is not None else g.entropy
+        a, b = firsts[k], firsts[k + 1]
+        logits = logits_all if len(wanted) == 1 else logits_all[a:b]
+        entropy = entropies[a] if inputs[g.index].policy is not None else g.entropy
+        if g.rows > 1 and g.policy is not None:  # rows that exit take their exit's logits
+            logits, row_pending = exits_in_verification(logits, g.row_exits, g.pending_before)
+            results[g.index] = StepResult(logits, anatomy.num_layers, None, False, row_pending)
+            continue
         results[g.index] = StepResult(logits, anatomy.num_layers, entropy, exited=False)
     return results  # type: ignore[return-value]
 
@@ -273,17 +304,26 @@ def _exits(
     exit_rule: str,
 ) -> list[tuple[_Group, ExitDecision]]:
     """The sequences whose token leaves after ``depth`` layers, with their decisions."""
-    by_policy: dict[ExitPolicy, list[tuple[_Group, Segment]]] = {}
+    by_policy: dict[ExitPolicy, list[tuple[_Group, int]]] = {}  # (group, row in the batch)
     for g, seg in zip(active, segments, strict=True):
         if g.policy is not None and g.policy.checks_after(depth):
-            by_policy.setdefault(g.policy, []).append((g, seg))  # equal policies share
+            # A verification's rows not exited yet are checked too (``verify``); never leave.
+            rows = [seg.stop - g.rows + j for j in range(g.rows) if j not in g.row_exits]
+            for row in rows:
+                by_policy.setdefault(g.policy, []).append((g, row))  # equal policies share
     decided = []
     for rows in by_policy.values():  # one head product per policy for all its rows
         policy = rows[0][0].policy
         assert policy is not None
-        last = [seg.stop - 1 for _, seg in rows]
+        last = [row for _, row in rows]
         hidden = h[:, last[0], :] if len(rows) == 1 else h[0, mx.array(last)]
-        for (g, _), decision in zip(rows, policy.decide_rows(anatomy, hidden, depth), strict=True):
+        stops = {id(g): seg.stop for g, seg in zip(active, segments, strict=True)}
+        decisions = policy.decide_rows(anatomy, hidden, depth)
+        for (g, row), decision in zip(rows, decisions, strict=True):
+            if g.rows > 1:
+                if decision.exit:
+                    g.row_exits[row - stops[id(g)] + g.rows] = decision
+                continue
             if decision.entropy is not None:
                 g.entropy = decision.entropy
             decided.append((g, decision))
@@ -313,8 +353,10 @@ def _keep_class_tokens(
     return [(g, d) for g, d in leaving if id(g) not in stay]
 
 
-def _as_input(token: int | mx.array) -> mx.array:
-    """One token id as the (1, 1) input of a decode step."""
+def _as_input(token: int | mx.array | list[int]) -> mx.array:
+    """A step's token id(s) as its (1, rows) input."""
+    if isinstance(token, list):
+        return mx.array([token])
     return token.reshape(1, 1) if isinstance(token, mx.array) else mx.array([[token]])
 
 
@@ -352,9 +394,10 @@ class FullDepthLoop:
         self.position += 1
         return self.model(mx.array(tokens[-1:])[None], cache=self.cache)[:, -1, :]
 
-    def decode(self, token: int | mx.array, policy: ExitPolicy | None) -> StepResult:
-        self.position += 1
-        logits = self.model(_as_input(token), cache=self.cache)[:, -1, :]
+    def decode(self, token: int | mx.array | list[int], policy: ExitPolicy | None) -> StepResult:
+        tokens = _as_input(token)
+        self.position += tokens.shape[1]
+        logits = self.model(tokens, cache=self.cache)[0]
         return StepResult(logits, self.num_layers, None, exited=False)
 
     def flush(self) -> None:

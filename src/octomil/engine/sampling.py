@@ -44,19 +44,33 @@ class Sampler:
 
     def select(self, logits: mx.array, history: list[int] | None) -> tuple[mx.array, mx.array]:
         """Lazily: (token (1,), log-softmax (1, vocab)); nothing is evaluated here."""
+        sample_logits, logprobs = self.target(logits, history)
+        if sample_logits is None:
+            return mx.argmax(logprobs, axis=-1), logprobs
+        return mx.random.categorical(sample_logits, key=self.next_key()), logprobs
+
+    def target(
+        self, logits: mx.array, history: list[int] | None
+    ) -> tuple[mx.array | None, mx.array]:
+        """(logits whose softmax is the distribution a token is drawn from, None when greedy;
+        log-softmax of the processed logits)."""
         if self._penalty is not None and history:
             logits = self._penalty(mx.array(history[-REPETITION_CONTEXT:]), logits)
         logprobs = logits - decode.logsumexp(logits)
         p = self.params
         if p.temperature <= 0.0:
-            return mx.argmax(logprobs, axis=-1), logprobs
+            return None, logprobs
         filtered = logprobs
         if self._top_k:
             filtered = apply_top_k(filtered, self._top_k)
         if 0.0 < p.top_p < 1.0:
             filtered = apply_top_p(filtered, p.top_p)
+        return filtered * (1.0 / p.temperature), logprobs
+
+    def next_key(self) -> mx.array:
+        """A fresh PRNG key from this request's stream (one split per token or verification)."""
         self._key, sub = mx.random.split(self._key)
-        return mx.random.categorical(filtered * (1.0 / p.temperature), key=sub), logprobs
+        return sub
 
     def __call__(self, logits: mx.array, history: list[int]) -> Choice:
         """``logits`` (1, vocab); ``history`` is prompt + generated token ids so far."""

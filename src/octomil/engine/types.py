@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from octomil.config import EarlyExitSettings
+from octomil.engine.speculation import SpeculativeSettings, SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class GenerationStats:
     decode_time_s: float = 0.0
     prefill_time_s: float = 0.0
     finish_reason: str | None = None
+    speculative: SpeculativeStats | None = None  # None: the request did not speculate
 
     @property
     def avg_layers_used(self) -> float:
@@ -95,7 +98,7 @@ class GenerationStats:
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.prefill_time_s if self.prefill_time_s > 0 else 0.0
 
-    def as_dict(self) -> dict[str, float | int | str | None]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -110,7 +113,7 @@ class GenerationStats:
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "finish_reason": self.finish_reason,
-        }
+        } | ({} if self.speculative is None else {"speculative": self.speculative.as_dict()})
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class GenerationRequest:
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
     early_exit: EarlyExitSettings | None = None  # None: the engine's configured default
+    speculative: SpeculativeSettings | None = None  # None: the engine's configured default
 
 
 @dataclass(frozen=True)

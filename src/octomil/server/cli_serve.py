@@ -24,6 +24,7 @@ from octomil.cli_common import (
     check_model,
     fail,
 )
+from octomil.cli_speculative import check_speculative, speculative_settings
 from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve_early_exit
 
 _PRESETS = ", ".join(p.value for p in SpeedQuality)
@@ -69,6 +70,8 @@ class ServeFlags:
     drift_window: int = 200
     drift_margin: float = 0.05
     drift_budget: float | None = None
+    speculative: str = "off"
+    num_speculative_tokens: int = 8
 
     def check(self) -> None:
         """Every check that needs no model; raises ConfigError naming the flag."""
@@ -89,6 +92,7 @@ class ServeFlags:
         check_dtype(self.dtype)
         check_model(self.model)
         check_exit_policy(self.exit_policy)
+        check_speculative(self.speculative, self.num_speculative_tokens)
         self.check_ops()
 
     def check_ops(self) -> None:
@@ -334,6 +338,18 @@ def serve(
             help="Disagreement budget for the alarm (default: the exit policy's calibrated one)."
         ),
     ] = None,
+    speculative: Annotated[
+        str,
+        typer.Option(
+            help="Speculative decoding: off, lookup (prompt-lookup drafts), auto (lookup where it "
+            "pays, per request), model:NAME (a draft model with the same tokenizer).",
+            envvar="OCTOMIL_SPECULATIVE",
+        ),
+    ] = "off",
+    num_speculative_tokens: Annotated[
+        int,
+        typer.Option(help="Most drafted tokens verified per step (adapts below it)."),
+    ] = 8,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
@@ -370,6 +386,8 @@ def serve(
             dtype=dtype,
             exit_policy=exit_policy,
             log_level=log_level.lower(),
+            speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
         )
         flags.check()
     except ConfigError as exc:
@@ -424,6 +442,9 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
             flags.model, dtype=flags.dtype, early_exit=flags.settings, exit_policy=flags.exit_policy
         )
         engine.set_never_exit(policy.never_exit)
+        engine.default_speculative = speculative_settings(flags)
+        if (draft := engine.default_speculative.draft_model) is not None:
+            engine.load_draft_model(draft, flags.dtype)  # DraftModelError: a ValueError
         return engine
 
     client = EngineClient(
@@ -452,6 +473,8 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
             os._exit(done.exit_code)
     print(f"[engine] Selected: {engine.selection}", flush=True)
     print(f"[early-exit] {engine.effective_early_exit.describe()}", flush=True)
+    if engine.default_speculative.enabled:
+        print(f"[speculative] {engine.default_speculative.describe()}", flush=True)
     print(f"[serve] Listening on http://{flags.host}:{flags.port}", flush=True)
     if flags.settings.enabled:
         print(f"[early-exit] Policy: {engine.exit_choice.status}", flush=True)

@@ -21,6 +21,7 @@ from prometheus_client import (
 from octomil.config import EarlyExitSettings
 from octomil.engine.types import TokenEvent
 from octomil.server.batch_metrics import BatchMetrics
+from octomil.server.speculative import SpeculativeMetrics
 
 # Seconds. TTFT on this CPU spans ~50 ms (short prompt) to tens of seconds (long prompt, queued).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -159,6 +160,7 @@ class ServerMetrics:
         self.total_layers.set(total_layers)
         self.set_settings(settings, total_layers, checks_placed)
         self.batch = BatchMetrics(r, model)
+        self.speculative = SpeculativeMetrics(r, model)
 
     def set_settings(
         self, settings: EarlyExitSettings, total_layers: int, checks_placed: tuple[int, ...] = ()

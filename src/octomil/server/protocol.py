@@ -124,6 +124,31 @@ TaskField = Annotated[
 ]
 
 
+class SpeculativeOverride(BaseModel):
+    """Per-request speculative decoding; unset fields keep the server's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Text | None = Field(
+        None,
+        pattern=r"^(off|lookup|auto|model:.+)$",
+        description="off, lookup (prompt lookup drafts), auto (lookup where it pays), "
+        "model:NAME (a draft model the server loaded).",
+    )
+    num_speculative_tokens: Int | None = Field(
+        None, ge=1, le=12, description="Most drafted tokens verified per step."
+    )
+
+
+SpeculativeField = Annotated[
+    Bool | SpeculativeOverride | None,
+    Field(
+        description="Octomil extra: false for no speculation, true for the server default (auto "
+        'when the server does not speculate), or an object such as {"mode": "lookup"}.'
+    ),
+]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -224,6 +249,7 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Unsupported = None
     early_exit: EarlyExitField = None
     task: TaskField = None
+    speculative: SpeculativeField = None
 
     _unsupported_chat = field_validator(
         "tools", "tool_choice", "functions", "function_call", mode="before"
@@ -248,6 +274,7 @@ class CompletionRequest(_SamplingFields):
     suffix: Text | None = None
     early_exit: EarlyExitField = None
     task: TaskField = None
+    speculative: SpeculativeField = None
 
     _unsupported_completion = field_validator("best_of", mode="before")(_refuse_unsupported)
 
@@ -283,11 +310,23 @@ class EarlyExitUsage(BaseModel):
     total_layers: int
 
 
+class SpeculativeUsage(BaseModel):
+    """Speculative decoding of one request (vLLM's counters); absent when it did not speculate."""
+
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    mean_accepted_per_step: float
+    accepted_per_position: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     early_exit: EarlyExitUsage
+    speculative: SpeculativeUsage | None = None
 
 
 class TopLogprob(BaseModel):

@@ -22,6 +22,7 @@ from octomil.server.protocol import (
     new_id,
     now,
 )
+from octomil.server.speculative import speculative_settings
 
 router = APIRouter()
 
@@ -66,6 +67,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             code="unsupported_value",
         )
     early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
+    speculative = speculative_settings(state.engine, body.speculative)
     # "developer" is the newer name of "system"; chat templates know only the latter.
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -86,7 +88,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             prompt_param="messages",
         )
         stream = await serving.start(
-            state, GenerationRequest(tuple(prompt), params, early_exit), slot
+            state, GenerationRequest(tuple(prompt), params, early_exit, speculative), slot
         )
     request_id, created = new_id("chatcmpl"), now()
 

@@ -19,6 +19,7 @@ from octomil.server.protocol import (
     new_id,
     now,
 )
+from octomil.server.speculative import speculative_settings
 
 router = APIRouter()
 
@@ -54,6 +55,7 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
     early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
+    speculative = speculative_settings(state.engine, body.speculative)
     prompt_in = (
         body.prompt[0]
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
@@ -78,7 +80,7 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             prompt_param="prompt",
         )
         stream = await serving.start(
-            state, GenerationRequest(tuple(prompt), params, early_exit), slot
+            state, GenerationRequest(tuple(prompt), params, early_exit, speculative), slot
         )
     request_id, created = new_id("cmpl"), now()
     want_logprobs = body.logprobs is not None

@@ -330,6 +330,7 @@ async def run(
         stream.cancel()  # no-op when finished; frees the slot when the consumer went away
         m.e2e.observe(time.perf_counter() - arrival)
         m.record_finished(finish_reason)
+        m.speculative.record(stream.stats.speculative)
 
 
 async def _until(
@@ -384,7 +385,7 @@ def stream_response(
         envelope,
         choice,
         first_choice=first_choice,
-        final_extras=lambda: {"early_exit": telemetry.early_exit_usage(stats).model_dump()},
+        final_extras=lambda: telemetry.final_extras(stats),
         usage=(
             (lambda: telemetry.usage(stats, prompt_tokens).model_dump()) if include_usage else None
         ),

@@ -9,6 +9,7 @@ from typing import Any
 from octomil.config import EarlyExitSettings
 from octomil.engine.types import GenerationStats, TokenEvent
 from octomil.server.protocol import EarlyExitUsage, Usage
+from octomil.server.speculative import speculative_usage
 
 HEADER_EXIT_TOKENS = "X-Octomil-Early-Exit-Tokens"
 HEADER_AVG_LAYERS = "X-Octomil-Avg-Layers-Used"
@@ -35,7 +36,16 @@ def usage(stats: GenerationStats, prompt_tokens: int) -> Usage:
         completion_tokens=stats.completion_tokens,
         total_tokens=prompt_tokens + stats.completion_tokens,
         early_exit=early_exit_usage(stats),
+        speculative=speculative_usage(stats.speculative),
     )
+
+
+def final_extras(stats: GenerationStats) -> dict[str, Any]:
+    """Figures in a stream's last chunk: early exit, and speculation when the request drafted."""
+    extras: dict[str, Any] = {"early_exit": early_exit_usage(stats).model_dump()}
+    if (spec := speculative_usage(stats.speculative)) is not None:
+        extras["speculative"] = spec.model_dump()
+    return extras
 
 
 def headers(stats: GenerationStats) -> dict[str, str]:
