@@ -83,7 +83,9 @@ def test_attention_writes_the_rows_then_matches_masked_softmax(heads, kv, hd):
     q, k_new, v_new, keys, values = step_inputs(lengths, caps, heads, kv, hd)
     expected_k = with_new_rows(keys, k_new, lengths)
     expected_v = with_new_rows(values, v_new, lengths)
-    out, *buffers = ext.decode_attention(q, k_new, v_new, keys, values, lengths, hd**-0.5)
+    out, *buffers = ext.decode_attention(
+        q, k_new, v_new, keys, values, [1] * len(lengths), lengths, hd**-0.5
+    )
     n = len(lengths)
     for i, length in enumerate(lengths):
         rows = slice(0, length)
@@ -96,20 +98,38 @@ def test_attention_writes_the_rows_then_matches_masked_softmax(heads, kv, hd):
 def test_attention_sequence_does_not_depend_on_neighbours():
     lengths, caps = [5, 130, 257, 40], [256, 256, 512, 256]
     q, k_new, v_new, keys, values = step_inputs(lengths, caps)
-    together = ext.decode_attention(q, k_new, v_new, keys, values, lengths, 0.125)[0]
+    together = ext.decode_attention(q, k_new, v_new, keys, values, [1] * 4, lengths, 0.125)[0]
     for i in range(4):
         one = slice(i, i + 1)
         alone = ext.decode_attention(
-            q[one], k_new[one], v_new[one], [keys[i]], [values[i]], [lengths[i]], 0.125
+            q[one], k_new[one], v_new[one], [keys[i]], [values[i]], [1], [lengths[i]], 0.125
         )[0]
         assert mx.array_equal(together[one], alone)
+
+
+def test_a_segment_of_rows_equals_its_rows_decoded_one_by_one():
+    """Regression guard for verification and catch-up rows: row j of a segment attends to the
+    keys up to its own position, with the bits a one-row step at that position gets."""
+    length, rows = 40, 5  # the segment's rows go at positions 35..39
+    q, k_new, v_new, keys, values = step_inputs([length - rows + 1], [256])
+    q, k_new, v_new = (mx.random.normal((rows, *a.shape[1:])) for a in (q, k_new, v_new))
+    out, k_all, v_all = ext.decode_attention(q, k_new, v_new, keys, values, [rows], [length], 0.125)
+    k_buf, v_buf = keys[0], values[0]
+    for j in range(rows):
+        one = slice(j, j + 1)
+        step, k_buf, v_buf = ext.decode_attention(
+            q[one], k_new[one], v_new[one], [k_buf], [v_buf], [1], [length - rows + j + 1], 0.125
+        )
+        assert mx.array_equal(out[one], step)
+    assert mx.array_equal(k_all[..., :length, :], k_buf[..., :length, :])
+    assert mx.array_equal(v_all[..., :length, :], v_buf[..., :length, :])
 
 
 def test_attention_reads_a_strided_buffer():
     """A cache buffer that is a view (mlx-lm slices one when it grows) is copied, not misread."""
     q, k_new, v_new, keys, values = step_inputs([3], [512])
     view_k, view_v = keys[0][..., :256, :], values[0][..., :256, :]
-    out, k_out, _ = ext.decode_attention(q, k_new, v_new, [view_k], [view_v], [3], 0.125)
+    out, k_out, _ = ext.decode_attention(q, k_new, v_new, [view_k], [view_v], [1], [3], 0.125)
     expected_k = with_new_rows([view_k], k_new, [3])[0]
     expected_v = with_new_rows([view_v], v_new, [3])[0]
     assert mx.array_equal(k_out[..., :3, :], expected_k[..., :3, :])
@@ -120,7 +140,7 @@ def test_attention_reads_a_strided_buffer():
 def test_attention_rejects_a_length_past_the_buffer():
     q, k_new, v_new, keys, values = step_inputs([4], [256])
     with pytest.raises(ValueError, match="does not fit"):
-        ext.decode_attention(q, k_new, v_new, keys, values, [257], 0.125)
+        ext.decode_attention(q, k_new, v_new, keys, values, [1], [257], 0.125)
 
 
 def test_disabled_turns_the_kernels_off():
@@ -141,9 +161,9 @@ def test_decode_steps_take_the_kernels_on_plain_families(family, byte_tokenizer,
     calls = {"attention": [], "swiglu": 0}
     attention, swiglu = ext.decode_attention, ext.swiglu
 
-    def counting_attention(q, k, v, keys, values, lengths, scale):
+    def counting_attention(q, k, v, keys, values, rows, lengths, scale):
         calls["attention"].append(len(lengths))
-        return attention(q, k, v, keys, values, lengths, scale)
+        return attention(q, k, v, keys, values, rows, lengths, scale)
 
     def counting_swiglu(gate, up):
         calls["swiglu"] += 1

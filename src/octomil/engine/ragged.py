@@ -22,6 +22,7 @@ Families whose attention does not fit this shape (no ``q_proj``/``k_proj``/``v_p
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,15 +90,19 @@ class _RaggedAttention(nn.Module):
         projected = [originals[n](x) for n in self._names]
         segments = self._segments
         grouped = [k for k, s in enumerate(segments) if eligible(attn, s.stop - s.start, s.cache)]
+        rows = [segments[k].stop - segments[k].start for k in grouped]
         caches = [segments[k].cache for k in grouped]
-        if len(grouped) == len(segments):  # every sequence decodes one token
-            return originals["o_proj"](attend(attn, *(p[0] for p in projected), caches))
+        if len(grouped) == len(segments):  # every segment attends through the kernel
+            return originals["o_proj"](attend(attn, *(p[0] for p in projected), rows, caches))
         outputs = self._family_attention(x, projected, originals)
         if grouped:
-            rows = mx.array([segments[k].start for k in grouped])
-            joint = attend(attn, *(p[0, rows] for p in projected), caches)
+            index = mx.array(
+                [r for k in grouped for r in range(segments[k].start, segments[k].stop)]
+            )
+            joint = attend(attn, *(p[0, index] for p in projected), rows, caches)
+            starts = [0, *itertools.accumulate(rows)]
             for j, k in enumerate(grouped):
-                outputs[k] = joint[:, j : j + 1]
+                outputs[k] = joint[:, starts[j] : starts[j + 1]]
         joined = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
         return originals["o_proj"](joined)
 

@@ -6,8 +6,10 @@
 // Two MLX primitives replace them for decode steps (octomil/kernels/decode.py decides when):
 //
 //   swiglu(gate, up)               silu(gate) * up, with a vectorised exp
-//   decode_attention(q, K.., V..)  one query token per sequence against each sequence's own
+//   decode_attention(q, K.., V..)  a decode step's query rows (one per sequence, or several: a
+//                                  verification, catch-up rows) against each sequence's own
 //                                  cache buffer, all sequences in one operation
+//   causal_softmax, logsumexp, entropy   the softmax and vocabulary reductions, vectorised
 //
 // Invariant: every row (and every sequence) is computed by the same code whatever else shares
 // the call — the vector exp handles the tail of a row through the same vector code on a padded
@@ -324,20 +326,24 @@ void copy_rows(const mx::array& a, float* dst) {
       for (int d = 0; d < a.shape(3); ++d) dst[o++] = src[h * st[1] + t * st[2] + d * st[3]];
 }
 
-// Writes each sequence's new key/value row into its cache buffer (outputs 1..2n, which take the
-// input buffers over when MLX may donate them, as its own slice update does), then attends each
-// query to its own sequence's first lengths[i] rows (output 0).
+// Writes each segment's new key/value rows into its sequence's cache buffer (outputs 1..2n, which
+// take the input buffers over when MLX may donate them, as its own slice update does), then attends
+// each query row to its own sequence's keys up to and including its own position (output 0). A row
+// is computed by the same code whether its segment has one row or several.
 class DecodeAttention : public mx::Primitive {
  public:
-  DecodeAttention(mx::Stream stream, std::vector<int> lengths, int kv_heads)
-      : mx::Primitive(stream), lengths_(std::move(lengths)), kv_heads_(kv_heads) {}
+  DecodeAttention(mx::Stream stream, std::vector<int> rows, std::vector<int> lengths, int kv_heads)
+      : mx::Primitive(stream),
+        rows_(std::move(rows)),
+        lengths_(std::move(lengths)),
+        kv_heads_(kv_heads) {}
 
-  // inputs: q (n, H, hd) scaled, k (n, KV, hd), v (n, KV, hd), then K_0..K_{n-1}, V_0..V_{n-1}
-  // (each (1, KV, cap_i, hd)); outputs: attention (n, H, hd), then the updated K_i, V_i.
+  // inputs: q (R, H, hd) scaled, k (R, KV, hd), v (R, KV, hd), then K_0..K_{n-1}, V_0..V_{n-1}
+  // (each (1, KV, cap_i, hd)); outputs: attention (R, H, hd), then the updated K_i, V_i.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     require_row_contiguous({inputs[0], inputs[1], inputs[2]});
     const auto& q = inputs[0];
-    const int n = static_cast<int>(q.shape(0)), heads = static_cast<int>(q.shape(1));
+    const int n = static_cast<int>(rows_.size()), heads = static_cast<int>(q.shape(1));
     const int hd = static_cast<int>(q.shape(2)), rep = heads / kv_heads_;
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
@@ -358,25 +364,29 @@ class DecodeAttention : public mx::Primitive {
     std::vector<std::pair<float*, const float*>> writes;  // (cache row, new row) per head
     const float* kn = inputs[1].data<float>();
     const float* vn = inputs[2].data<float>();
+    size_t row = 0;
     for (int i = 0; i < n; ++i) {
       auto& k = outputs[1 + i];
       auto& v = outputs[1 + n + i];
-      const size_t cap = k.shape(2), pos = lengths_[i] - 1;
-      for (int g = 0; g < kv_heads_; ++g) {
-        float* krow = k.data<float>() + (g * cap + pos) * hd;
-        float* vrow = v.data<float>() + (g * cap + pos) * hd;
-        writes.emplace_back(krow, kn + (static_cast<size_t>(i) * kv_heads_ + g) * hd);
-        writes.emplace_back(vrow, vn + (static_cast<size_t>(i) * kv_heads_ + g) * hd);
-        size_t qoff = (static_cast<size_t>(i) * heads + g * rep) * hd;
-        jobs.push_back({q.data<float>() + qoff, k.data<float>() + g * cap * hd,
-                        v.data<float>() + g * cap * hd, outputs[0].data<float>() + qoff, rep, hd,
-                        lengths_[i]});
+      const size_t cap = k.shape(2);
+      const int first = lengths_[i] - rows_[i];  // position of the segment's first row
+      for (int j = 0; j < rows_[i]; ++j, ++row) {
+        const size_t pos = first + j;
+        for (int g = 0; g < kv_heads_; ++g) {
+          const size_t fresh = (row * kv_heads_ + g) * hd;
+          writes.emplace_back(k.data<float>() + (g * cap + pos) * hd, kn + fresh);
+          writes.emplace_back(v.data<float>() + (g * cap + pos) * hd, vn + fresh);
+          const size_t qoff = (row * heads + g * rep) * hd;
+          jobs.push_back({q.data<float>() + qoff, k.data<float>() + g * cap * hd,
+                          v.data<float>() + g * cap * hd, outputs[0].data<float>() + qoff, rep,
+                          hd, static_cast<int>(pos) + 1});
+        }
       }
     }
     encoder.dispatch([copies = std::move(copies), writes = std::move(writes),
                       jobs = std::move(jobs), hd]() mutable {
       for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
-      for (auto& [row, fresh] : writes) std::memcpy(row, fresh, hd * sizeof(float));
+      for (auto& [dst, fresh] : writes) std::memcpy(dst, fresh, hd * sizeof(float));
       bool avx2 = cpu_has_avx2() && hd % 8 == 0;
       std::vector<float> scratch;
       for (const auto& j : jobs) {
@@ -393,10 +403,11 @@ class DecodeAttention : public mx::Primitive {
   const char* name() const override { return "OctomilDecodeAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const DecodeAttention&>(other);
-    return o.lengths_ == lengths_ && o.kv_heads_ == kv_heads_;
+    return o.rows_ == rows_ && o.lengths_ == lengths_ && o.kv_heads_ == kv_heads_;
   }
 
  private:
+  std::vector<int> rows_;
   std::vector<int> lengths_;
   int kv_heads_;
 };
@@ -509,30 +520,36 @@ mx::array swiglu(const mx::array& gate, const mx::array& up) {
   return mx::array(g.shape(), mx::float32, std::make_shared<SwiGLU>(s), {g, u});
 }
 
-// q: (n, H, hd) queries already rotated; k, v: (n, KV, hd) the sequences' new rows; keys/values:
-// each (1, KV, cap_i, hd) cache buffers holding lengths[i] - 1 rows, the new one going at
-// lengths[i] - 1. Returns [attention (n, H, hd), K_0', .., K_{n-1}', V_0', .., V_{n-1}'].
+// q: (R, H, hd) query rows already rotated; k, v: (R, KV, hd) their new key/value rows; segment i
+// owns rows[i] consecutive rows and its cache buffers keys[i]/values[i] (1, KV, cap_i, hd) hold
+// lengths[i] - rows[i] rows, the new ones going after them. Returns [attention (R, H, hd),
+// K_0', .., K_{n-1}', V_0', .., V_{n-1}'].
 std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                         const std::vector<mx::array>& keys,
                                         const std::vector<mx::array>& values,
+                                        const std::vector<int>& rows,
                                         const std::vector<int>& lengths, float scale) {
   auto s = mx::to_stream(std::monostate{});
   const size_t n = keys.size();
-  if (q.ndim() != 3 || static_cast<size_t>(q.shape(0)) != n || values.size() != n ||
-      lengths.size() != n || n == 0)
-    throw std::invalid_argument("[octomil_decode] q must be (n, H, hd) with n keys, values, lengths");
+  int total = 0;
+  for (int r : rows) total += r;
+  if (q.ndim() != 3 || q.shape(0) != total || values.size() != n || lengths.size() != n ||
+      rows.size() != n || n == 0)
+    throw std::invalid_argument(
+        "[octomil_decode] q must be (sum(rows), H, hd) with one keys/values/rows/length each");
   const int kv = static_cast<int>(keys[0].shape(1)), hd = static_cast<int>(q.shape(2));
   if (q.shape(1) % kv) throw std::invalid_argument("[octomil_decode] heads % kv_heads != 0");
-  const mx::Shape rows{static_cast<int>(n), kv, hd};
-  if (k.shape() != rows || v.shape() != rows)
-    throw std::invalid_argument("[octomil_decode] k and v must be (n, kv_heads, head_dim)");
+  const mx::Shape new_rows{total, kv, hd};
+  if (k.shape() != new_rows || v.shape() != new_rows)
+    throw std::invalid_argument("[octomil_decode] k and v must be (sum(rows), kv_heads, head_dim)");
   std::vector<mx::array> inputs{mx::contiguous(mx::multiply(q, mx::array(scale), s), false, s),
                                 mx::contiguous(k, false, s), mx::contiguous(v, false, s)};
   std::vector<mx::Shape> shapes{q.shape()};
   for (size_t i = 0; i < n; ++i) {
     const auto& buf = keys[i];
     if (buf.ndim() != 4 || buf.shape(0) != 1 || buf.shape(1) != kv || buf.shape(3) != hd ||
-        values[i].shape() != buf.shape() || lengths[i] < 1 || lengths[i] > buf.shape(2))
+        values[i].shape() != buf.shape() || rows[i] < 1 || lengths[i] < rows[i] ||
+        lengths[i] > buf.shape(2))
       throw std::invalid_argument("[octomil_decode] a cache buffer does not fit its query");
     inputs.push_back(buf);
     shapes.push_back(buf.shape());
@@ -544,7 +561,7 @@ std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, 
   for (const auto& a : inputs) require_f32(a);
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
-                                std::make_shared<DecodeAttention>(s, lengths, kv),
+                                std::make_shared<DecodeAttention>(s, rows, lengths, kv),
                                 std::move(inputs));
 }
 
@@ -554,9 +571,10 @@ NB_MODULE(_octomil_decode, m) {
   m.doc() = "Octomil's decode kernels for MLX's CPU backend (see decode_kernels.cpp)";
   m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), "silu(gate) * up");
   m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("keys"), nb::arg("values"), nb::arg("lengths"), nb::arg("scale"),
-        "Write each sequence's new key/value row, then attend its query to its own cache: "
-        "[attention, updated keys..., updated values...].");
+        nb::arg("keys"), nb::arg("values"), nb::arg("rows"), nb::arg("lengths"),
+        nb::arg("scale"),
+        "Write each segment's new key/value rows, then attend each query row causally to its own "
+        "sequence's cache: [attention, updated keys..., updated values...].");
   m.def("logsumexp", [](const mx::array& x) { return row_stats(x, 0); }, nb::arg("x"),
         "log-sum-exp over the last axis (the axis removed).");
   m.def("entropy", [](const mx::array& x) { return row_stats(x, 1); }, nb::arg("x"),
