@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'octomil[ray]')")
 
-from tests.api.conftest import (  # noqa: E402
+from conftest import (  # noqa: E402
     MODEL,
     ServerProcess,
     free_port,
@@ -244,6 +244,9 @@ def test_killed_replica_is_replaced_and_no_request_is_lost(
     while len(seen - ids_before) == 0:
         assert time.monotonic() < deadline, "the new replica never answered"
         seen.add(httpx.get(f"{ray_server.base_url}/health", timeout=30).headers[REPLICA])
+    # The replacement took over the victim's rank, hence its metrics port.
+    for port in (metrics_port, metrics_port + 1):
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
 
 
 def test_sigterm_stops_ray_without_stray_processes(ray_server: ServerProcess) -> None:

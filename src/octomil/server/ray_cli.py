@@ -146,7 +146,7 @@ def run(flags: ServeFlags, ray_flags: RayFlags) -> None:
             last = ray_flags.metrics_port + high - 1
             print(
                 f"[serve] Replica metrics on http://{flags.host}:"
-                f"{ray_flags.metrics_port}..{last}/metrics (port = base + replica rank)"
+                f"{ray_flags.metrics_port}..{last}/metrics (port = base + the replica's rank)"
             )
         if flags.settings.enabled and info["policy"]:
             print(f"[early-exit] Policy: {info['policy']}")

@@ -58,7 +58,7 @@ class ReplicaSpec:
     prefill_chunk: int
     options: ServeOptions
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = None  # base port; replica r listens on base + r
+    metrics_port: int | None = None  # base port; replica listens on base + its rank on the node
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ class OctomilReplica:
 
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
-        rank = getattr(context.rank, "rank", context.rank)
+        # The rank among this deployment's replicas on this node: ports stay distinct per node,
+        # and one replica per node (a Kubernetes pod) always gets the base port.
+        rank = getattr(context.rank, "local_rank", 0)
         self.spec = spec
         self.octomil_app: FastAPI | None = None
         self.metrics_server: ThreadingHTTPServer | None = None

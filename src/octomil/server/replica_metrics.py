@@ -2,9 +2,10 @@
 
 Behind Ray Serve's proxy ``GET /metrics`` reaches whichever replica the router picks, so a scrape
 through the proxy sees one replica's counters at a time. Each replica therefore also serves its
-registry on a port of its own, ``base + rank`` (Ray Serve numbers a deployment's replicas
-0..N-1 and a replacement takes over the rank of the replica it replaces), which a static
-Prometheus config can list; the ``instance`` label then tells replicas apart and the dashboard
+registry on a port of its own, ``base + rank`` (Ray Serve numbers a deployment's replicas on a
+node 0..n-1 and a replacement takes over the rank of the replica it replaces), which a static
+Prometheus config can list, and which is the base port itself when each node (a Kubernetes pod)
+runs one replica; the ``instance`` label then tells replicas apart and the dashboard
 sums over it. A port that is taken (the replaced replica's process still exiting) is retried a
 few times, then given up with a warning: serving matters more than one replica's metrics.
 """
