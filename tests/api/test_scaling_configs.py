@@ -4,6 +4,7 @@ config aggregate across replicas."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -113,3 +114,49 @@ def test_prometheus_ray_config_lists_consecutive_replica_ports() -> None:
     ports = [int(t.rsplit(":", 1)[1]) for t in targets]
     assert ports == list(range(ports[0], ports[0] + len(ports)))
     assert job["metrics_path"] == "/metrics"
+
+
+RAYSERVICE = ROOT / "deploy" / "k8s" / "octomil-rayservice.yaml"
+
+
+def test_rayservice_builds_its_application_with_the_real_builder() -> None:
+    """The RayService's serveConfigV2 names an import path and args that build the deployment
+    (the flags are parsed by the CLI's own command), with one replica per worker pod."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'octomil[ray]')")
+
+    from octomil.server.ray_proxy_errors import IMPORT_PATH
+
+    service = yaml.safe_load(RAYSERVICE.read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    application = config["applications"][0]
+    assert application["route_prefix"] == "/"
+    module, name = application["import_path"].split(":")
+    built = getattr(importlib.import_module(module), name)(application["args"])
+    deployment = built._bound_deployment
+    auto = deployment._deployment_config.autoscaling_config
+    args = application["args"]
+    assert (auto.min_replicas, auto.initial_replicas, auto.max_replicas) == (
+        args["min_replicas"],
+        args["replicas"],
+        args["max_replicas"],
+    )
+    assert deployment.init_args[0].metrics_port == args["metrics_port"]
+
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    workers = cluster["workerGroupSpecs"][0]
+    assert float(workers["rayStartParams"]["num-cpus"]) == args["replica_cpus"]
+    assert workers["minReplicas"] <= args["min_replicas"]
+    assert workers["maxReplicas"] >= args["max_replicas"]
+    template = workers["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(args["metrics_port"])
+    container = template["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == IMPORT_PATH
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    summary = json.loads(MEASURED.read_text())["summary"]
+    peak = max(config["replica_rss_mib_max"] for config in summary.values())
+    assert mib(container["resources"]["requests"]["memory"]) >= peak

@@ -15,11 +15,15 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from octomil.cli_common import fail
 from octomil.config import ConfigError
 from octomil.server.cli_serve import ServeFlags, _bind, exposure_warning
 from octomil.server.serving import ServeOptions
+
+if TYPE_CHECKING:
+    from octomil.server.ray_deployment import ReplicaSpec, Scaling
 
 
 @dataclass(frozen=True)
@@ -61,25 +65,9 @@ class RayFlags:
             )
 
 
-def run(flags: ServeFlags, ray_flags: RayFlags) -> None:
-    try:
-        ray_flags.check()
-    except ConfigError as exc:
-        fail(str(exc))
-    # Ray reports usage to a remote service unless told not to; this server stays offline.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        fail("--ray needs Ray Serve: pip install 'octomil[ray]'")
-    from octomil.server.ray_deployment import APP_NAME, ReplicaSpec, Scaling, build
-    from octomil.server.ray_proxy_errors import IMPORT_PATH
-
-    # Ray's proxy binds the port itself; a busy port should still fail before any replica loads.
-    probe = _bind(flags.host, flags.port)
-    warning = exposure_warning(probe, flags.api_key)
-    probe.close()
+def plan(flags: ServeFlags, ray_flags: RayFlags) -> tuple[ReplicaSpec, Scaling]:
+    """What every replica runs, and how many of them: from the ``octomil serve`` flags."""
+    from octomil.server.ray_deployment import ReplicaSpec, Scaling
 
     low, high = ray_flags.bounds
     spec = ReplicaSpec(
@@ -108,6 +96,31 @@ def run(flags: ServeFlags, ray_flags: RayFlags) -> None:
         max_ongoing_requests=flags.max_concurrency,
         graceful_shutdown_timeout_s=flags.shutdown_timeout,
     )
+    return spec, scaling
+
+
+def run(flags: ServeFlags, ray_flags: RayFlags) -> None:
+    try:
+        ray_flags.check()
+    except ConfigError as exc:
+        fail(str(exc))
+    # Ray reports usage to a remote service unless told not to; this server stays offline.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        fail("--ray needs Ray Serve: pip install 'octomil[ray]'")
+    from octomil.server.ray_deployment import APP_NAME, build
+    from octomil.server.ray_proxy_errors import IMPORT_PATH
+
+    # Ray's proxy binds the port itself; a busy port should still fail before any replica loads.
+    probe = _bind(flags.host, flags.port)
+    warning = exposure_warning(probe, flags.api_key)
+    probe.close()
+
+    spec, scaling = plan(flags, ray_flags)
+    low, high = ray_flags.bounds
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
