@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from octomil import blas
 from octomil.config import EarlyExitSettings
+from octomil.engine.constraint import GrammarCompiler
 from octomil.engine.errors import EngineInputError, PromptTooLongError
 from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, resolve_exit_policy
 from octomil.engine.exit_policy import ExitPolicy
@@ -172,6 +173,11 @@ class Engine:
     def _prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer(self.tokenizer)
 
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles requests' grammars against this tokenizer (structured outputs)."""
+        return GrammarCompiler(self.tokenizer, self._vocab_size, self.loaded.eos_token_ids)
+
     def encode(self, text: str) -> list[int]:
         """A completions prompt, tokenized as text: control strings such as ``<|im_start|>`` in it
         are not parsed as special tokens (as in OpenAI's API; send token ids for those)."""
@@ -216,6 +222,7 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self._vocab_size]
         if bad:
             raise EngineInputError(f"prompt token ids out of range: {bad[:5]}", param="prompt")
+        constraint = self.grammars.compile(params.grammar) if params.grammar is not None else None
         model = self.loaded.model
         anatomy = self.loaded.anatomy
         loop = LayerLoop(anatomy, model) if anatomy is not None else FullDepthLoop(model)
@@ -228,4 +235,5 @@ class Engine:
             self.loaded.eos_token_ids,
             self._vocab_size,
             self.prefill_chunk,
+            constraint,
         )

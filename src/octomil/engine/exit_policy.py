@@ -21,10 +21,11 @@ DEFAULT_EXIT_POINTS = 3
 
 
 def entropy_nats(logits: mx.array) -> mx.array:
-    """Shannon entropy (nats) of softmax(logits) over the last axis."""
+    """Shannon entropy (nats) of softmax(logits) over the last axis; tokens masked to -inf (a
+    grammar's disallowed ones) count as probability 0."""
     logits = logits.astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -(mx.exp(logp) * logp).sum(axis=-1)
+    return -mx.where(mx.isinf(logp), 0.0, mx.exp(logp) * logp).sum(axis=-1)
 
 
 def default_exit_layers(
@@ -92,14 +93,22 @@ class ExitPolicy:
         """Should the token whose hidden state after ``depth`` layers is ``hidden`` (1, D) exit?"""
         return self.decide_rows(anatomy, hidden, depth)[0]
 
-    def decide_rows(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> list[ExitDecision]:
+    def decide_rows(
+        self, anatomy: Anatomy, hidden: mx.array, depth: int, masks: mx.array | None = None
+    ) -> list[ExitDecision]:
         """:meth:`decide` for the rows of ``hidden`` (B, D) of sequences sharing this policy: one
-        head product and one synchronisation for all of them, each row decided on its own."""
-        return _entropy_decisions(anatomy.logits(hidden), self.threshold)
+        head product and one synchronisation for all of them, each row decided on its own.
+        ``masks`` (B, vocab) bool: each row's allowed tokens (a grammar's); the entropy and the
+        returned logits are those of the masked distribution."""
+        return _entropy_decisions(anatomy.logits(hidden), self.threshold, masks)
 
 
-def _entropy_decisions(logits: mx.array, threshold: float) -> list[ExitDecision]:
-    """Exit decisions from the head's logits (B, vocab), one per row."""
+def _entropy_decisions(
+    logits: mx.array, threshold: float, masks: mx.array | None = None
+) -> list[ExitDecision]:
+    """Exit decisions from the head's logits (B, vocab), one per row, over the allowed tokens."""
+    if masks is not None:
+        logits = mx.where(masks, logits, mx.array(-mx.inf, dtype=logits.dtype))
     ent = entropy_nats(logits)
     mx.eval(logits, ent)
     return [

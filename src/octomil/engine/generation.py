@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from octomil.engine.constraint import Constraint, apply_mask
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
 from octomil.engine.layer_loop import prefill_chunks as _prefill_chunks
@@ -55,6 +56,7 @@ class Generation:
         eos_token_ids: frozenset[int],
         vocab_size: int,
         prefill_chunk: int = PREFILL_STEP,
+        constraint: Constraint | None = None,
     ) -> None:
         self.loop = loop
         self.prompt = prompt
@@ -68,6 +70,9 @@ class Generation:
         self.prefill_chunk = prefill_chunk
         self._chunks = deque(_prefill_chunks(len(prompt), prefill_chunk))
         self._queued: deque[Selection] = deque()  # sampled, not yet emitted
+        self.constraint = constraint
+        self._forced: deque[int] = deque()  # the grammar's forced tokens, not yet emitted
+        self._mask: mx.array | None = None  # the allowed tokens of the step being decoded
         self._history = list(prompt)
         self._created = time.perf_counter()
         self._first_token_at: float | None = None
@@ -124,7 +129,8 @@ class Generation:
         """No exit check can happen and selection needs no token ids: the next step may be
         built from this step's unevaluated token."""
         no_checks = self.policy is None or not self.policy.exit_layers
-        return no_checks and not self._sampler.needs_history
+        # A grammar's next mask depends on the token just sampled: it cannot be built ahead.
+        return no_checks and not self._sampler.needs_history and self.constraint is None
 
     @property
     def wants_step(self) -> bool:
@@ -133,21 +139,38 @@ class Generation:
 
     @property
     def queued(self) -> int:
-        return len(self._queued)
+        return len(self._queued) + len(self._forced)
 
-    def next_input(self) -> tuple[int | mx.array, ExitPolicy | None]:
-        """The token to decode next and the exit policy of that step (the prompt's last token,
-        which yields the first answer token, always runs at full depth)."""
+    def next_input(self) -> tuple[int | mx.array, ExitPolicy | None, mx.array | None]:
+        """The token to decode next, the exit policy of that step (the prompt's last token,
+        which yields the first answer token, always runs at full depth) and the grammar's mask
+        of allowed tokens (None when unconstrained)."""
+        mask = None
+        if self.constraint is not None:
+            self._fast_forward()
+            mask = self._mask = self.constraint.mask()
         if self._queued:
-            return self._queued[-1].token, self.policy
+            return self._queued[-1].token, self.policy, mask
         if self.stats.completion_tokens:
-            return self._history[-1], self.policy
-        return self.prompt[-1], None
+            return self._history[-1], self.policy, mask
+        return self.prompt[-1], None, mask
+
+    def _fast_forward(self) -> None:
+        """Feed emitted forced tokens (all but the newest, which is this step's input) into the
+        cache as one chunk at full depth: one pass for the run instead of one step per token."""
+        behind = self._history[self.loop.position : len(self._history) - 1]
+        if behind:
+            self.loop.flush()  # pending catch-up rows first, so the cache stays in order
+            self.loop.feed(behind)
 
     def select(self, step: StepResult) -> Selection:
         """Sample lazily from a step's logits and queue the token for emission."""
         history = self._history if self._sampler.needs_history else None
-        token, logprobs = self._sampler.select(step.logits, history)
+        logits = step.logits
+        if self._mask is not None:  # already masked by the layer loop; a no-op then
+            logits = apply_mask(logits, self._mask)
+            step = replace(step, logits=logits)
+        token, logprobs = self._sampler.select(logits, history)
         entropy = None
         if self.policy is not None and step.entropy is None:
             entropy = entropy_nats(step.logits)  # stats only; evaluated with the token
@@ -157,6 +180,8 @@ class Generation:
 
     def emit(self) -> TokenEvent:
         """Read the oldest queued token (evaluating it if needed) and turn it into an event."""
+        if self._forced:
+            return self._emit_forced(self._forced.popleft())
         current = self._queued.popleft()
         token = int(current.token.item())
         step = current.resolved_step()
@@ -168,12 +193,23 @@ class Generation:
             stats.prefill_time_s = stats.time_to_first_token_s = now - self._created
         stats.decode_time_s = now - self._first_token_at
         self._record(step)
+        text, finish = self._advance(token)
+        return self._event(token, text, step, current.logprobs[0], finish)
+
+    def _advance(self, token: int) -> tuple[str, str | None]:
+        """The text ``token`` adds and the finish reason it causes; steps the grammar and
+        queues the forced tokens that follow it."""
+        stats = self.stats
+        grammar = self.constraint
+        if grammar is not None and token not in self._eos:
+            grammar.accept(token)
         finish = None
         if token in self._eos:
             text, finish = self._text.finish(), "stop"
         else:
             text = self._text.add(token)
-            if self._text.stopped:
+            if self._text.stopped or (grammar is not None and (grammar.done or grammar.failed)):
+                text += self._text.finish() if not self._text.stopped else ""
                 finish = "stop"
             elif stats.completion_tokens == self.params.max_tokens:
                 text += self._text.finish()
@@ -182,7 +218,30 @@ class Generation:
         if finish:
             self.finished = True
             self._queued.clear()
-        return self._event(token, text, step, current.logprobs[0], finish)
+            self._forced.clear()
+        elif grammar is not None and not self._forced:
+            room = self.params.max_tokens - stats.completion_tokens - len(self._queued)
+            self._forced.extend(grammar.forced()[: max(room, 0)])
+        return text, finish
+
+    def _emit_forced(self, token: int) -> TokenEvent:
+        """A token the grammar forces: no model pass (it reaches the cache by fast-forward)."""
+        self._history.append(token)
+        self.stats.completion_tokens += 1
+        self.stats.forced_tokens += 1
+        self.stats.decode_time_s = time.perf_counter() - (self._first_token_at or self._created)
+        text, finish = self._advance(token)
+        lp = TokenLogprob(token, self._tokenizer.decode([token]), 0.0)
+        return TokenEvent(
+            token_id=token,
+            text=text,
+            layers_used=0,
+            entropy=None,
+            exited_early=False,
+            logprob=lp if self.params.logprobs is not None else None,
+            finish_reason=finish,
+            forced=True,
+        )
 
     def end_cancelled(self) -> None:
         self.stats.finish_reason = "cancelled"

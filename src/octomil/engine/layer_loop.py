@@ -110,11 +110,14 @@ class LayerLoop:
 
 @dataclass(frozen=True)
 class DecodeInput:
-    """One sequence's part of a batched decode step: its loop, its next token, its exit policy."""
+    """One sequence's part of a batched decode step: its loop, its next token, its exit policy,
+    and the tokens it may emit (a grammar's mask, (vocab,) bool) applied at every exit check and
+    at the last layer."""
 
     loop: LayerLoop
     token: int | mx.array
     policy: ExitPolicy | None
+    mask: mx.array | None = None
 
 
 @dataclass
@@ -127,6 +130,7 @@ class _Group:
     waiting: list[PendingRow]  # catch-up rows that have not joined yet
     positions: list[int]  # positions of this sequence's rows in the batch, ascending
     entropy: float | None = None
+    mask: mx.array | None = None  # allowed tokens (vocab,) bool, None: all
 
 
 # What a confident row does while its neighbours continue: "row" leaves alone (its catch-up row
@@ -149,7 +153,14 @@ def decode_batch(
         loop = item.loop
         can_exit = item.policy is not None and len(loop.pending) < MAX_PENDING_ROWS
         groups.append(
-            _Group(k, loop, item.policy if can_exit else None, list(loop.pending), [loop.position])
+            _Group(
+                k,
+                loop,
+                item.policy if can_exit else None,
+                list(loop.pending),
+                [loop.position],
+                mask=item.mask,
+            )
         )
         loop.position += 1
     if len(inputs) == 1:
@@ -192,6 +203,9 @@ def decode_batch(
         cap = max_rows or len(active)
         pieces = [anatomy.logits(last[a : a + cap]) for a in range(0, len(active), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+    masks = _stack_masks(active)
+    if masks is not None:
+        logits_all = mx.where(masks, logits_all, mx.array(-mx.inf, dtype=logits_all.dtype))
     measured = any(inputs[g.index].policy is not None for g in active)
     entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
     for k, g in enumerate(active):
@@ -235,7 +249,12 @@ def _exits(
         assert policy is not None
         last = [seg.stop - 1 for _, seg in rows]
         hidden = h[:, last[0], :] if len(rows) == 1 else h[0, mx.array(last)]
-        for (g, _), decision in zip(rows, policy.decide_rows(anatomy, hidden, depth), strict=True):
+        masks = _stack_masks([g for g, _ in rows])
+        if masks is None:
+            decisions = policy.decide_rows(anatomy, hidden, depth)
+        else:  # the exit is decided on, and its token drawn from, the allowed tokens only
+            decisions = policy.decide_rows(anatomy, hidden, depth, masks=masks)
+        for (g, _), decision in zip(rows, decisions, strict=True):
             if decision.entropy is not None:
                 g.entropy = decision.entropy
             decided.append((g, decision))
@@ -243,6 +262,18 @@ def _exits(
     if exit_rule == "batch" and len(leaving) < len(active):
         return []
     return leaving
+
+
+def _stack_masks(groups: list[_Group]) -> mx.array | None:
+    """The groups' allowed-token masks as (B, vocab) bool (all allowed where a group has none),
+    or None when no group is constrained."""
+    if all(g.mask is None for g in groups):
+        return None
+    if len(groups) == 1:
+        return groups[0].mask[None]  # type: ignore[index]
+    like = next(g.mask for g in groups if g.mask is not None)
+    full = mx.ones(like.shape, dtype=mx.bool_)
+    return mx.stack([g.mask if g.mask is not None else full for g in groups])
 
 
 def _as_input(token: int | mx.array) -> mx.array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from octomil.config import EarlyExitSettings
+from octomil.engine.constraint import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's + top-k alternatives
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None  # the output must match it (structured outputs)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class TokenEvent:
     logprob: TokenLogprob | None = None
     top_logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | None
+    forced: bool = False  # the grammar's only continuation, emitted without a model pass
 
 
 @dataclass
@@ -55,6 +58,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     early_exit_tokens: int = 0
+    forced_tokens: int = 0  # emitted without a model pass (grammar fast-forward)
     layers_used: list[int] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
     time_to_first_token_s: float = 0.0
@@ -98,6 +102,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "early_exit_tokens": self.early_exit_tokens,
+            "forced_tokens": self.forced_tokens,
             "exit_percentage": round(self.exit_percentage, 2),
             "avg_layers_used": round(self.avg_layers_used, 3),
             "min_layers_used": self.min_layers_used,
