@@ -80,7 +80,7 @@ def chat(**kw: object) -> dict:
         (chat(early_exit="yes please"), "early_exit"),
         (
             chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-            "response_format",
+            "response_format.json_schema.schema",
         ),
         (chat(frequency_penalty=0.5), "frequency_penalty"),
         (chat(seed=2**70), "seed"),
@@ -98,7 +98,6 @@ def chat(**kw: object) -> dict:
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(function_call={"name": "f"}), "function_call"),
         (chat(logit_bias={"1": 100}), "logit_bias"),
-        (chat(response_format={"type": "json_object"}), "response_format"),
         (chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages.0.name"),
         (chat(top_k=1), "top_k"),
         (

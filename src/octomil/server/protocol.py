@@ -25,6 +25,7 @@ from pydantic import (
     Strict,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
@@ -120,11 +121,53 @@ class StreamOptions(BaseModel):
     include_usage: Bool | None = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the output is constrained to ``schema`` (always, strict
+    or not: a grammar enforces it token by token)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Text = Field(..., max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema", description="A JSON Schema object.")
+    strict: Bool | None = False
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_with_its_type(
+        cls, value: JsonSchemaFormat | None, info: ValidationInfo
+    ) -> JsonSchemaFormat | None:
+        if value is not None and info.data.get("type") != "json_schema":
+            raise ValueError('json_schema is only allowed with type "json_schema"')
+        return value
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "missing_json_schema", 'type "json_schema" needs a json_schema object', {}
+            )
+        return self
+
+
+# vLLM's names for constrained decoding beyond response_format (Octomil extras).
+GuidedRegex = Annotated[
+    Text | None, Field(description="The output matches this regular expression (vLLM extra).")
+]
+GuidedChoice = Annotated[
+    list[Text] | None,
+    Field(min_length=1, description="The output is exactly one of these strings (vLLM extra)."),
+]
+GuidedGrammar = Annotated[
+    Text | None, Field(description="The output matches this Lark grammar (vLLM extra).")
+]
 
 
 class TextContentPart(BaseModel):
@@ -213,6 +256,9 @@ class ChatCompletionRequest(_SamplingFields):
     functions: Unsupported = None
     function_call: Unsupported = None
     early_exit: EarlyExitField = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
 
     _unsupported_chat = field_validator(
         "tools", "tool_choice", "functions", "function_call", mode="before"
@@ -236,6 +282,9 @@ class CompletionRequest(_SamplingFields):
     logprobs: Int | None = Field(None, ge=0, le=5)
     suffix: Text | None = None
     early_exit: EarlyExitField = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
 
     _unsupported_completion = field_validator("best_of", mode="before")(_refuse_unsupported)
 
@@ -269,6 +318,7 @@ class EarlyExitUsage(BaseModel):
     max_layers_used: int
     avg_entropy: float | None
     total_layers: int
+    forced_tokens: int = 0  # emitted without a model pass (a grammar's only continuation)
 
 
 class Usage(BaseModel):

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
-from octomil.server import serving, telemetry
-from octomil.server.errors import APIError
+from octomil.server import serving, structured, telemetry
 from octomil.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -55,15 +54,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     arrival = time.perf_counter()
     state = serving.get_state(raw)
     serving.check_model(state, body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        # Not enforced yet: accepting it would promise JSON the model may not produce.
-        raise APIError(
-            400,
-            f"response_format {body.response_format.type} is not supported yet (structured "
-            "decoding is not implemented); use text",
-            param="response_format",
-            code="unsupported_value",
-        )
+    grammar = structured.grammar_spec(
+        body.response_format, body.guided_regex, body.guided_choice, body.guided_grammar
+    )
     early_exit = serving.early_exit_settings(state, body.early_exit)
     # "developer" is the newer name of "system"; chat templates know only the latter.
     messages = [
@@ -83,6 +76,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             stop=body.stop,
             logprobs=(body.top_logprobs or 0) if want_logprobs else None,
             prompt_param="messages",
+            grammar=grammar,
         )
         stream = await serving.start(
             state, GenerationRequest(tuple(prompt), params, early_exit), slot

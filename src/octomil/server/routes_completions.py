@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent
-from octomil.server import serving, telemetry
+from octomil.server import serving, structured, telemetry
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     CompletionChoice,
@@ -54,6 +54,9 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
     early_exit = serving.early_exit_settings(state, body.early_exit)
+    grammar = structured.grammar_spec(
+        None, body.guided_regex, body.guided_choice, body.guided_grammar
+    )
     prompt_in = (
         body.prompt[0]
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
@@ -76,6 +79,7 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             stop=body.stop,
             logprobs=body.logprobs,
             prompt_param="prompt",
+            grammar=grammar,
         )
         stream = await serving.start(
             state, GenerationRequest(tuple(prompt), params, early_exit), slot

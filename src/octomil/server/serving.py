@@ -17,6 +17,7 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 
 from octomil.config import EarlyExitSettings, resolve_early_exit
+from octomil.engine.constraint import GrammarSpec
 from octomil.engine.types import GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 from octomil.server import sse, telemetry
 from octomil.server.engine_client import (
@@ -111,6 +112,7 @@ def sampling_params(
     stop: str | list[str] | None,
     logprobs: int | None,
     prompt_param: str,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     context = state.engine.context_length
     if prompt_len >= context:
@@ -145,6 +147,7 @@ def sampling_params(
         seed=None if seed is None else seed % 2**64,
         stop=tuple(s for s in stops if s),
         logprobs=logprobs,
+        grammar=grammar,
     )
 
 
