@@ -93,7 +93,7 @@ def chat(**kw: object) -> dict:
         (chat(logprobs="true"), "logprobs"),
         (chat(early_exit={"threshold": True}), "early_exit.threshold"),
         # Regression: fields that would change the answer were accepted and silently ignored.
-        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat(tools=[{"type": "function", "function": {}}]), "tools.0.function.name"),
         (chat(tool_choice="auto"), "tool_choice"),
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(function_call={"name": "f"}), "function_call"),
@@ -136,8 +136,8 @@ def test_completion_bad_requests_are_400(server: ServerProcess, body: dict, para
 
 
 def test_unsupported_fields_say_why(server: ServerProcess) -> None:
-    err = _error(_post(server, "/v1/chat/completions", chat(tools=[{"type": "function"}])), 400)
-    assert err["message"] == "'tools' is not supported: tool calling is not implemented yet"
+    err = _error(_post(server, "/v1/chat/completions", chat(functions=[{"name": "f"}])), 400)
+    assert err["message"] == "'functions' is not supported: deprecated by OpenAI: use tools"
     assert err["code"] == "unsupported_parameter"
     err = _error(_post(server, "/v1/chat/completions", chat(top_k=1)), 400, "top_k")
     assert err["message"] == "unrecognized request argument: 'top_k'"

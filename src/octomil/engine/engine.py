@@ -23,6 +23,7 @@ from octomil.engine.exit_policy import ExitPolicy
 from octomil.engine.generation import Generation
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
+from octomil.engine.tool_calls import Function, fallback_messages, template_supports_tools
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
@@ -185,11 +186,21 @@ class Engine:
             raise EngineInputError("prompt must be a string", param="prompt")
         return self._prompt_tokenizer.encode_text(text)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[Function] | None = None
+    ) -> list[int]:
         """Apply the model's chat template (with the assistant generation prompt) and tokenize.
 
         Message content is text: only the template's own markers become control tokens, so
-        content cannot forge a turn (:mod:`octomil.engine.prompt_tokens`)."""
+        content cannot forge a turn (:mod:`octomil.engine.prompt_tokens`). Tools, assistant
+        ``tool_calls`` (arguments as objects) and ``tool`` messages go through the template when
+        it supports tools, else as text (:mod:`octomil.engine.tool_calls`)."""
+        uses_tools = bool(tools) or any(
+            m.get("tool_calls") or m.get("role") == "tool" for m in messages
+        )
+        native = template_supports_tools(getattr(self.tokenizer, "chat_template", None))
+        if uses_tools and not native:
+            messages = fallback_messages(messages, tools or [])
         if not messages:
             raise EngineInputError("messages must contain at least one message", param="messages")
         for i, m in enumerate(messages):
@@ -202,6 +213,8 @@ class Engine:
                 raise EngineInputError(
                     f"messages[{i}].content must be a string", param=f"messages.{i}.content"
                 )
+        if uses_tools and native:
+            return self._prompt_tokenizer.encode_chat(messages, [f.as_tool() for f in tools or []])
         return self._prompt_tokenizer.encode_chat(messages)
 
     def generate(self, request: GenerationRequest) -> Generation:

@@ -58,11 +58,8 @@ Bool = Annotated[bool, Strict()]
 # Not implemented: refused with this reason unless the value is None or one of the no-op values.
 # These fields stay out of the OpenAPI schema (SkipJsonSchema): they are not part of what we serve.
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "tools": ("tool calling is not implemented yet", ([],)),
-    "tool_choice": ("tool calling is not implemented yet", ("none",)),
-    "functions": ("function calling is not implemented yet", ([],)),
-    "function_call": ("function calling is not implemented yet", ("none",)),
-    "tool_calls": ("tool calling is not implemented yet", ([],)),
+    "functions": ("deprecated by OpenAI: use tools", ([],)),
+    "function_call": ("deprecated by OpenAI: use tool_choice", ("none",)),
     "refusal": ("not implemented", ()),
     "audio": ("audio is not implemented", ()),
     "logit_bias": ("not implemented yet", ({},)),
@@ -177,21 +174,37 @@ class TextContentPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+    arguments: Text = Field(..., description="The arguments object, as JSON text.")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # which call a "tool" message answers
     # What an SDK echoes back from an assistant message: accepted only as null / empty.
     name: Unsupported = None
     refusal: Unsupported = None
     audio: Unsupported = None
-    tool_calls: Unsupported = None
     function_call: Unsupported = None
 
-    _unsupported = field_validator(
-        "name", "refusal", "audio", "tool_calls", "function_call", mode="before"
-    )(_refuse_unsupported)
+    _unsupported = field_validator("name", "refusal", "audio", "function_call", mode="before")(
+        _refuse_unsupported
+    )
 
     def text(self) -> str:
         if self.content is None:
@@ -244,15 +257,47 @@ class _SamplingFields(_Request):
         return value
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text = Field(..., max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="JSON Schema of the arguments object; calls are constrained to it."
+    )
+    strict: Bool | None = False
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: Text
     logprobs: Bool | None = False
     max_completion_tokens: Int | None = Field(None, ge=1)
+    parallel_tool_calls: Bool | None = True
     response_format: ResponseFormat | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
     functions: Unsupported = None
     function_call: Unsupported = None
     early_exit: EarlyExitField = None
@@ -260,9 +305,9 @@ class ChatCompletionRequest(_SamplingFields):
     guided_choice: GuidedChoice = None
     guided_grammar: GuidedGrammar = None
 
-    _unsupported_chat = field_validator(
-        "tools", "tool_choice", "functions", "function_call", mode="before"
-    )(_refuse_unsupported)
+    _unsupported_chat = field_validator("functions", "function_call", mode="before")(
+        _refuse_unsupported
+    )
 
     @field_validator("top_logprobs")
     @classmethod
@@ -344,7 +389,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
-from octomil.server import serving, structured, telemetry
+from octomil.server import serving, structured, telemetry, tools
+from octomil.server.errors import APIError
 from octomil.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -57,14 +58,23 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     grammar = structured.grammar_spec(
         body.response_format, body.guided_regex, body.guided_choice, body.guided_grammar
     )
+    tool_plan = tools.plan(body)
+    if tool_plan.grammar is not None:
+        if grammar is not None:
+            raise APIError(
+                400,
+                f"{grammar.param} cannot be combined with tool calls (unless tool_choice='none')",
+                param=grammar.param,
+                code="invalid_value",
+            )
+        grammar = tool_plan.grammar
     early_exit = serving.early_exit_settings(state, body.early_exit)
     # "developer" is the newer name of "system"; chat templates know only the latter.
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
+    messages = [tools.engine_message(i, m) for i, m in enumerate(body.messages)]
     with serving.admit(state) as slot:  # before any work on the request
-        prompt = await serving.tokenize(state, state.engine.encode_chat, messages)
+        prompt = await serving.tokenize(
+            state, state.engine.encode_chat, messages, tool_plan.functions
+        )
         want_logprobs = bool(body.logprobs)
         params = serving.sampling_params(
             state,
@@ -85,13 +95,19 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        calls = tools.ToolCallDeltas() if tool_plan.reads_calls else None
 
         def choice(event: TokenEvent) -> dict:
             finish = event.finish_reason
             logprobs = None
             if want_logprobs and (lp := _token_logprob(event)):
                 logprobs = {"content": [lp.model_dump()]}
-            delta = {"content": event.text} if event.text or finish is None else {}
+            if calls is not None:
+                delta = calls.delta(event.text)
+                if finish == "stop" and calls.calls:
+                    finish = "tool_calls"
+            else:
+                delta = {"content": event.text} if event.text or finish is None else {}
             return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
         return serving.stream_response(
@@ -118,18 +134,26 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     done = await serving.collect(
         state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
     )
+    content, tool_calls, finish = done.text, [], done.finish_reason
+    if tool_plan.reads_calls:
+        content, tool_calls = tools.read_calls(done.text)
+        if tool_calls and finish == "stop":
+            finish = "tool_calls"
     response = ChatCompletionResponse(
         id=request_id,
         created=created,
         model=state.engine.model_id,
         choices=[
             ChatChoice(
-                message=AssistantMessage(content=done.text),
+                message=AssistantMessage(content=content, tool_calls=tool_calls or None),
                 logprobs=_logprobs(done.events, want_logprobs),
-                finish_reason=done.finish_reason,
+                finish_reason=finish,
             )
         ],
         usage=telemetry.usage(done.stats, len(prompt)),
     )
+    payload = response.model_dump()
+    if not tool_calls:  # as OpenAI: the key appears only with calls
+        del payload["choices"][0]["message"]["tool_calls"]
     headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
-    return JSONResponse(response.model_dump(), headers=headers)
+    return JSONResponse(payload, headers=headers)
