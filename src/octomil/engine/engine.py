@@ -235,6 +235,12 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self._vocab_size]
         if bad:
             raise EngineInputError(f"prompt token ids out of range: {bad[:5]}", param="prompt")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self._vocab_size]
+        if bad:
+            raise EngineInputError(
+                f"logit_bias token ids out of range [0, {self._vocab_size}): {bad[:5]}",
+                param="logit_bias",
+            )
         constraint = self.grammars.compile(params.grammar) if params.grammar is not None else None
         model = self.loaded.model
         anatomy = self.loaded.anatomy

@@ -64,7 +64,7 @@ class Generation:
         self.policy = policy
         self._tokenizer = tokenizer
         self._eos = frozenset() if params.ignore_eos else eos_token_ids
-        self._sampler = Sampler(params, vocab_size)
+        self._sampler = Sampler(params, vocab_size, len(prompt))
         self._text = TextStream(tokenizer, params.stop)
         self._cancelled = threading.Event()
         self.prefill_chunk = prefill_chunk

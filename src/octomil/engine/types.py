@@ -18,6 +18,9 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count in the output
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token already in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's + top-k alternatives
     ignore_eos: bool = False

@@ -35,6 +35,7 @@ from octomil.config import SpeedQuality
 # A seed reaches the sampler as an unsigned 64-bit value; OpenAI documents the int64 range.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n: each choice is a sequence of the batch
 
 
 def _unicode_text(value: str) -> str:
@@ -62,7 +63,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "function_call": ("deprecated by OpenAI: use tool_choice", ("none",)),
     "refusal": ("not implemented", ()),
     "audio": ("audio is not implemented", ()),
-    "logit_bias": ("not implemented yet", ({},)),
     "best_of": ("only best_of=1 is served", (1,)),
     "name": ("the chat template has no place for message names", ()),
 }
@@ -224,10 +224,14 @@ class _SamplingFields(_Request):
     """Sampling fields shared by both endpoints (OpenAI order)."""
 
     frequency_penalty: Float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Unsupported = None
+    logit_bias: dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
     presence_penalty: Float | None = Field(0.0, ge=-2.0, le=2.0)
     max_tokens: Int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
-    n: Int | None = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: Int | None = Field(
+        1, ge=1, le=MAX_CHOICES, description=f"Choices to generate (at most {MAX_CHOICES})."
+    )
     seed: Int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     stop: Stop = None
     stream: Bool | None = False
@@ -236,13 +240,16 @@ class _SamplingFields(_Request):
     top_p: Float | None = Field(1.0, ge=0.0, le=1.0)
     user: Text | None = None
 
-    _unsupported = field_validator("logit_bias", mode="before")(_refuse_unsupported)
-
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported yet; leave it at 0")
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise PydanticCustomError(
+                    "invalid_token_id",
+                    "logit_bias keys are token ids (non-negative integers), got {key!r}",
+                    {"key": key},
+                )
         return value
 
     @field_validator("stop")

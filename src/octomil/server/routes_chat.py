@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
-from octomil.server import serving, structured, telemetry, tools
+from octomil.server import choices, serving, structured, telemetry, tools
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     AssistantMessage,
@@ -71,7 +73,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     early_exit = serving.early_exit_settings(state, body.early_exit)
     # "developer" is the newer name of "system"; chat templates know only the latter.
     messages = [tools.engine_message(i, m) for i, m in enumerate(body.messages)]
-    with serving.admit(state) as slot:  # before any work on the request
+    n = body.n or 1
+    with contextlib.ExitStack() as stack:  # admission before any work on the request
+        slots = choices.admit(state, n, stack)
         prompt = await serving.tokenize(
             state, state.engine.encode_chat, messages, tool_plan.functions
         )
@@ -87,32 +91,38 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             logprobs=(body.top_logprobs or 0) if want_logprobs else None,
             prompt_param="messages",
             grammar=grammar,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.logit_bias,
         )
-        stream = await serving.start(
-            state, GenerationRequest(tuple(prompt), params, early_exit), slot
-        )
+        requests = [
+            GenerationRequest(tuple(prompt), choices.seeded(params, i), early_exit)
+            for i in range(n)
+        ]
+        streams = await choices.start(state, requests, slots)
     request_id, created = new_id("chatcmpl"), now()
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        calls = tools.ToolCallDeltas() if tool_plan.reads_calls else None
+        calls = [tools.ToolCallDeltas() for _ in range(n)] if tool_plan.reads_calls else None
 
         def choice(event: TokenEvent) -> dict:
+            index = getattr(event, "index", 0)
             finish = event.finish_reason
             logprobs = None
             if want_logprobs and (lp := _token_logprob(event)):
                 logprobs = {"content": [lp.model_dump()]}
             if calls is not None:
-                delta = calls.delta(event.text)
-                if finish == "stop" and calls.calls:
+                delta = calls[index].delta(event.text)
+                if finish == "stop" and calls[index].calls:
                     finish = "tool_calls"
             else:
                 delta = {"content": event.text} if event.text or finish is None else {}
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-        return serving.stream_response(
+        return choices.stream_response(
             state,
-            stream,
+            streams,
             arrival=arrival,
             prompt_tokens=len(prompt),
             envelope={
@@ -123,37 +133,46 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             },
             choice=choice,
             include_usage=include_usage,
-            first_choice={
-                "index": 0,
+            first_choice=lambda i: {
+                "index": i,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
             },
         )
 
-    done = await serving.collect(
-        state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+    dones = await asyncio.gather(
+        *(
+            serving.collect(
+                state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+            )
+            for stream in streams
+        )
     )
-    content, tool_calls, finish = done.text, [], done.finish_reason
-    if tool_plan.reads_calls:
-        content, tool_calls = tools.read_calls(done.text)
-        if tool_calls and finish == "stop":
-            finish = "tool_calls"
+    answers, any_calls = [], False
+    for i, done in enumerate(dones):
+        content, tool_calls, finish = done.text, [], done.finish_reason
+        if tool_plan.reads_calls:
+            content, tool_calls = tools.read_calls(done.text)
+            if tool_calls and finish == "stop":
+                finish = "tool_calls"
+        any_calls = any_calls or bool(tool_calls)
+        message = AssistantMessage(content=content, tool_calls=tool_calls or None)
+        logprobs = _logprobs(done.events, want_logprobs)
+        answers.append(
+            ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
+        )
+    stats = choices.merged_stats([d.stats for d in dones])
     response = ChatCompletionResponse(
         id=request_id,
         created=created,
         model=state.engine.model_id,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=content, tool_calls=tool_calls or None),
-                logprobs=_logprobs(done.events, want_logprobs),
-                finish_reason=finish,
-            )
-        ],
-        usage=telemetry.usage(done.stats, len(prompt)),
+        choices=answers,
+        usage=telemetry.usage(stats, len(prompt)),
     )
     payload = response.model_dump()
-    if not tool_calls:  # as OpenAI: the key appears only with calls
-        del payload["choices"][0]["message"]["tool_calls"]
-    headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
+    for answer in payload["choices"]:  # as OpenAI: the key appears only with calls
+        if answer["message"]["tool_calls"] is None:
+            del answer["message"]["tool_calls"]
+    headers = telemetry.headers(stats) if state.options.telemetry_headers else None
     return JSONResponse(payload, headers=headers)

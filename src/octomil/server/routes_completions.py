@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent
-from octomil.server import serving, structured, telemetry
+from octomil.server import choices, serving, structured, telemetry
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     CompletionChoice,
@@ -62,7 +64,9 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
         else body.prompt
     )
-    with serving.admit(state) as slot:  # before any work on the request
+    n = body.n or 1
+    with contextlib.ExitStack() as stack:  # admission before any work on the request
+        slots = choices.admit(state, n, stack)
         if isinstance(prompt_in, str):
             prompt = await serving.tokenize(state, state.engine.encode, prompt_in)
         else:
@@ -80,10 +84,15 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             logprobs=body.logprobs,
             prompt_param="prompt",
             grammar=grammar,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.logit_bias,
         )
-        stream = await serving.start(
-            state, GenerationRequest(tuple(prompt), params, early_exit), slot
-        )
+        requests = [
+            GenerationRequest(tuple(prompt), choices.seeded(params, i), early_exit)
+            for i in range(n)
+        ]
+        streams = await choices.start(state, requests, slots)
     request_id, created = new_id("cmpl"), now()
     want_logprobs = body.logprobs is not None
 
@@ -95,15 +104,15 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             if want_logprobs and event.logprob is not None:
                 logprobs = _logprobs([event]).model_dump()
             return {
-                "index": 0,
+                "index": getattr(event, "index", 0),
                 "text": event.text,
                 "logprobs": logprobs,
                 "finish_reason": event.finish_reason,
             }
 
-        return serving.stream_response(
+        return choices.stream_response(
             state,
-            stream,
+            streams,
             arrival=arrival,
             prompt_tokens=len(prompt),
             envelope={
@@ -116,21 +125,29 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             include_usage=include_usage,
         )
 
-    done = await serving.collect(
-        state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+    dones = await asyncio.gather(
+        *(
+            serving.collect(
+                state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+            )
+            for stream in streams
+        )
     )
+    stats = choices.merged_stats([d.stats for d in dones])
     response = CompletionResponse(
         id=request_id,
         created=created,
         model=state.engine.model_id,
         choices=[
             CompletionChoice(
+                index=i,
                 text=done.text,
                 logprobs=_logprobs(done.events) if want_logprobs else None,
                 finish_reason=done.finish_reason,
             )
+            for i, done in enumerate(dones)
         ],
-        usage=telemetry.usage(done.stats, len(prompt)),
+        usage=telemetry.usage(stats, len(prompt)),
     )
-    headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
+    headers = telemetry.headers(stats) if state.options.telemetry_headers else None
     return JSONResponse(response.model_dump(), headers=headers)

@@ -113,6 +113,9 @@ def sampling_params(
     logprobs: int | None,
     prompt_param: str,
     grammar: GrammarSpec | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    logit_bias: dict[str, float] | None = None,
 ) -> SamplingParams:
     context = state.engine.context_length
     if prompt_len >= context:
@@ -148,6 +151,9 @@ def sampling_params(
         stop=tuple(s for s in stops if s),
         logprobs=logprobs,
         grammar=grammar,
+        frequency_penalty=frequency_penalty or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        logit_bias=tuple((int(k), float(v)) for k, v in (logit_bias or {}).items()),
     )
 
 
