@@ -18,7 +18,9 @@ import openai
 import pytest
 from conftest import MODEL, ServerProcess
 
-SERVER_ARGS = ("--speed-quality", "balanced")
+# The raw shared head: the calibrated policy places no exit check on this CPU, the lens does,
+# so the presets below really exit (mid-JSON) and the mask must hold there.
+SERVER_ARGS = ("--speed-quality", "balanced", "--exit-policy", "lens")
 CASES = json.loads(
     (Path(__file__).parents[2] / "benchmarks" / "prompts" / "structured_cases.json").read_text()
 )
@@ -81,7 +83,10 @@ def test_json_schema_outputs_validate(client, name: str, preset, stream: bool) -
     )
     assert finish == "stop", text
     jsonschema.validate(json.loads(text), case["schema"])
-    assert 0 < usage["early_exit"]["forced_tokens"] < usage["completion_tokens"]
+    ee = usage["early_exit"]
+    assert 0 < ee["forced_tokens"] < usage["completion_tokens"]
+    if preset in ("balanced", "fast"):
+        assert ee["early_exit_tokens"] > 0  # exits did happen inside the JSON
 
 
 def test_json_object_mode_gives_an_object(client) -> None:
@@ -92,6 +97,7 @@ def test_json_object_mode_gives_an_object(client) -> None:
         max_tokens=40,
         temperature=0,
         response_format={"type": "json_object"},
+        extra_body={"early_exit": False},  # any object may be long: the full-depth answer is short
     )
     assert finish == "stop" and isinstance(json.loads(text), dict)
 
