@@ -144,3 +144,12 @@ def test_bad_grammars_name_the_problem(engine, spec, fragment):
     with pytest.raises(GrammarError) as info:
         engine.grammars.compile(spec)
     assert fragment in str(info.value) and info.value.param == spec.param
+
+
+def test_top_logprobs_leave_out_masked_tokens(engine):
+    """Regression: a choice of 2 with top_logprobs=5 listed -inf alternatives (not JSON)."""
+    params = SamplingParams(max_tokens=4, logprobs=5, grammar=GrammarSpec("choice", ("ab", "ba")))
+    events = list(engine.generate(GenerationRequest(tuple(PROMPT), params)))
+    first = events[0]
+    assert len(first.top_logprobs) == 2
+    assert all(math.isfinite(t.logprob) for e in events for t in e.top_logprobs)

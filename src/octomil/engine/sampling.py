@@ -7,6 +7,7 @@ requests decoding on the same engine thread.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -89,10 +90,11 @@ def _entropy_seed() -> int:
 
 
 def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
-    """The ``k`` most likely tokens with their log-probabilities, most likely first."""
+    """The ``k`` most likely tokens with their log-probabilities, most likely first; tokens of
+    probability 0 (masked by a grammar: -inf, which JSON cannot carry) are left out."""
     if k <= 0:
         return []
     idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
     vals = logprobs[idx]
     pairs = sorted(zip(idx.tolist(), vals.tolist(), strict=True), key=lambda p: -p[1])
-    return [(int(i), float(v)) for i, v in pairs]
+    return [(int(i), float(v)) for i, v in pairs if v != -math.inf]
