@@ -153,3 +153,20 @@ def test_top_logprobs_leave_out_masked_tokens(engine):
     first = events[0]
     assert len(first.top_logprobs) == 2
     assert all(math.isfinite(t.logprob) for e in events for t in e.top_logprobs)
+
+
+def test_fast_forwarded_cache_matches_a_full_forward_pass():
+    """The step after a fast-forwarded run sees exactly the cache of a full-depth pass over
+    prompt + output: its (masked) logprob equals the reference computed in one forward pass."""
+    model = tiny_models.make_tiny_model("llama", seed=5)
+    reference = tiny_models.make_tiny_model("llama", seed=5)
+    engine = tiny_models.tiny_engine(model, tiny_models.make_byte_tokenizer())
+    pattern = "[ab]xylophone[0-9]"
+    params = SamplingParams(max_tokens=20, logprobs=0, grammar=GrammarSpec("regex", pattern))
+    events = list(engine.generate(GenerationRequest(tuple(PROMPT), params)))
+    tokens = PROMPT + [e.token_id for e in events]
+    logits = reference(mx.array([tokens[:-1]]))[0, -1]
+    digits = mx.array([ord("0") <= t <= ord("9") for t in range(tiny_models.VOCAB_SIZE)])
+    masked = apply_mask(logits[None], digits)[0]
+    want = masked - mx.logsumexp(masked)
+    assert events[-1].logprob.logprob == pytest.approx(float(want[tokens[-1]].item()), abs=1e-4)
