@@ -10,12 +10,13 @@ function's parameter schema (:func:`octomil.engine.tool_calls.call_grammar`).
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from octomil.engine.constraint import GrammarSpec
-from octomil.engine.tool_calls import Function, call_grammar, parse_calls
+from octomil.engine.tool_calls import CLOSE, OPEN, Function, call_grammar, parse_calls
 from octomil.engine.tool_calls import ToolCall as EngineToolCall
 from octomil.server.errors import APIError
 from octomil.server.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
@@ -106,13 +107,23 @@ def read_calls(text: str) -> tuple[str | None, list[ToolCall]]:
 
 class ToolCallDeltas:
     """Streaming: plain text passes through as content; once the answer is a call (it starts
-    with ``<``, which a text answer may not), each call is sent whole once complete, in OpenAI's
-    delta shape (index, id, type, function name and arguments)."""
+    with ``<``, which a text answer may not), each call is streamed as OpenAI's deltas: index, id,
+    type and name as soon as the name is written, then the arguments' JSON text as it comes.
+
+    The call grammar writes ``<tool_call>\n{"name": "NAME", "arguments": ARGS}\n</tool_call>``;
+    the end of ARGS is known only at the closing tag, so the characters that may be the outer
+    ``}`` and the tag are held back until then."""
+
+    _HEAD = re.compile(re.escape(OPEN) + r'\s*\{"name": "([^"]*)", "arguments": ')
+    _TAIL = "}\n" + CLOSE
 
     def __init__(self) -> None:
         self.text = ""
-        self.calls = 0
+        self.calls = 0  # calls whose header was sent
         self._is_call: bool | None = None
+        self._at = 0  # where the next call's search starts
+        self._args_from: int | None = None  # start of the current call's arguments
+        self._sent = 0  # argument characters of the current call already sent
 
     def delta(self, text: str) -> dict[str, Any]:
         self.text += text
@@ -120,17 +131,32 @@ class ToolCallDeltas:
             self._is_call = self.text.lstrip().startswith("<")
         if not self._is_call:
             return {"content": text} if text else {}
-        _, calls = parse_calls(self.text)
-        deltas = []
-        for k, call in enumerate(calls[self.calls :], start=self.calls):
-            wire = _wire(call)
-            deltas.append(
-                {
-                    "index": k,
-                    "id": wire.id,
-                    "type": "function",
-                    "function": {"name": wire.function.name, "arguments": wire.function.arguments},
-                }
-            )
-        self.calls = len(calls)
+        deltas: list[dict[str, Any]] = []
+        while True:
+            if self._args_from is None:
+                head = self._HEAD.search(self.text, self._at)
+                if head is None:
+                    break
+                deltas.append(
+                    {
+                        "index": self.calls,
+                        "id": f"call_{uuid.uuid4().hex[:24]}",
+                        "type": "function",
+                        "function": {"name": head.group(1), "arguments": ""},
+                    }
+                )
+                self.calls += 1
+                self._args_from, self._sent = head.end(), 0
+            args = self.text[self._args_from :]
+            end = args.find(self._TAIL)
+            done = end >= 0
+            ready = args[:end] if done else args[: max(len(args) - len(self._TAIL), 0)]
+            if len(ready) > self._sent:
+                piece = ready[self._sent :]
+                deltas.append({"index": self.calls - 1, "function": {"arguments": piece}})
+                self._sent = len(ready)
+            if not done:
+                break
+            self._at = self._args_from + end + len(self._TAIL)
+            self._args_from = None
         return {"tool_calls": deltas} if deltas else {}
