@@ -69,7 +69,7 @@ def chat(**kw: object) -> dict:
         (chat(temperature=3), "temperature"),
         (chat(temperature="hot"), "temperature"),
         (chat(top_p=1.5), "top_p"),
-        (chat(n=2), "n"),
+        (chat(n=17), "n"),
         (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         (chat(top_logprobs=3), "top_logprobs"),
         (chat(logprobs=True, top_logprobs=50), "top_logprobs"),
@@ -80,9 +80,12 @@ def chat(**kw: object) -> dict:
         (chat(early_exit="yes please"), "early_exit"),
         (
             chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-            "response_format",
+            "response_format.json_schema.schema",
         ),
-        (chat(frequency_penalty=0.5), "frequency_penalty"),
+        (chat(frequency_penalty=2.5), "frequency_penalty"),
+        (chat(logit_bias={"x": 1}), "logit_bias"),
+        (chat(logit_bias={"5": 101}), "logit_bias.5"),
+        (chat(logit_bias={"999999": 1}), "logit_bias"),
         (chat(seed=2**70), "seed"),
         # Regression: booleans were taken as integers (max_tokens: true -> 1), strings as
         # booleans (early_exit: "yes" -> true).
@@ -93,12 +96,10 @@ def chat(**kw: object) -> dict:
         (chat(logprobs="true"), "logprobs"),
         (chat(early_exit={"threshold": True}), "early_exit.threshold"),
         # Regression: fields that would change the answer were accepted and silently ignored.
-        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat(tools=[{"type": "function", "function": {}}]), "tools.0.function.name"),
         (chat(tool_choice="auto"), "tool_choice"),
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(function_call={"name": "f"}), "function_call"),
-        (chat(logit_bias={"1": 100}), "logit_bias"),
-        (chat(response_format={"type": "json_object"}), "response_format"),
         (chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages.0.name"),
         (chat(top_k=1), "top_k"),
         (
@@ -123,9 +124,9 @@ def test_chat_bad_requests_are_400(server: ServerProcess, body: dict, param: str
         ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
         ({"model": MODEL, "prompt": "x", "logprobs": 9}, "logprobs"),
         ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
-        ({"model": MODEL, "prompt": "x", "n": 3}, "n"),
+        ({"model": MODEL, "prompt": "x", "n": 17}, "n"),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
-        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": -100}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": -101}}, "logit_bias.5"),
         ({"model": MODEL, "prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"model": MODEL, "prompt": "x", "logprobs": True}, "logprobs"),
         ({"model": MODEL, "prompt": [1, True]}, "prompt.1"),
@@ -137,8 +138,8 @@ def test_completion_bad_requests_are_400(server: ServerProcess, body: dict, para
 
 
 def test_unsupported_fields_say_why(server: ServerProcess) -> None:
-    err = _error(_post(server, "/v1/chat/completions", chat(tools=[{"type": "function"}])), 400)
-    assert err["message"] == "'tools' is not supported: tool calling is not implemented yet"
+    err = _error(_post(server, "/v1/chat/completions", chat(functions=[{"name": "f"}])), 400)
+    assert err["message"] == "'functions' is not supported: deprecated by OpenAI: use tools"
     assert err["code"] == "unsupported_parameter"
     err = _error(_post(server, "/v1/chat/completions", chat(top_k=1)), 400, "top_k")
     assert err["message"] == "unrecognized request argument: 'top_k'"

@@ -172,5 +172,5 @@ def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
     assert nf.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as br:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=2)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=17)
     assert br.value.param == "n"

@@ -67,3 +67,29 @@ def test_repetition_penalty_lowers_repeated_token(logits):
         Sampler(SamplingParams(repetition_penalty=1.5), VOCAB)(logits, [top]).logprobs[top].item()
     )
     assert penalised < plain
+
+
+def test_logit_bias_forces_and_bans(logits):
+    target = int(mx.argmin(logits).item())
+    assert draw(SamplingParams(logit_bias=((target, 100.0),)), logits, 2) == [target] * 2
+    top = int(mx.argmax(logits).item())
+    assert top not in draw(
+        SamplingParams(temperature=1.0, seed=0, logit_bias=((top, -100.0),)), logits
+    )
+
+
+def test_frequency_and_presence_penalties_count_output_tokens_only(logits):
+    """OpenAI's formula: logit - count * frequency - (count > 0) * presence; the prompt (the
+    first ``prompt_len`` history tokens) is not counted."""
+    top = int(mx.argmax(logits).item())
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    history = [top, 1, top, top]  # prompt: [top]; output: [1, top, top]
+    choice = Sampler(params, VOCAB, prompt_len=1)(logits, history)
+    lp = choice.logprobs
+    shifted = (
+        logits[0]
+        - mx.zeros((VOCAB,)).at[mx.array([1, top, top])].add(0.5)
+        - (mx.zeros((VOCAB,)).at[mx.array([1, top])].add(0.25))
+    )
+    want = shifted - mx.logsumexp(shifted)
+    assert mx.allclose(lp, want, atol=1e-5)

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from octomil import blas
 from octomil.config import EarlyExitSettings
+from octomil.engine.constraint import GrammarCompiler
 from octomil.engine.draft_model import check_same_vocabulary
 from octomil.engine.errors import EngineInputError, PromptTooLongError
 from octomil.engine.exit_adapters import ExitPolicyBundle, ExitPolicyChoice, resolve_exit_policy
@@ -26,6 +27,7 @@ from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.prompt_tokens import PromptTokenizer
 from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.token_classes import never_exit_mask
+from octomil.engine.tool_calls import Function, fallback_messages, template_supports_tools
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.kernels import decode
 from octomil.models.loader import LoadedModel
@@ -206,6 +208,11 @@ class Engine:
     def _prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer(self.tokenizer)
 
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles requests' grammars against this tokenizer (structured outputs)."""
+        return GrammarCompiler(self.tokenizer, self._vocab_size, self.loaded.eos_token_ids)
+
     def encode(self, text: str) -> list[int]:
         """A completions prompt, tokenized as text: control strings such as ``<|im_start|>`` in it
         are not parsed as special tokens (as in OpenAI's API; send token ids for those)."""
@@ -213,11 +220,21 @@ class Engine:
             raise EngineInputError("prompt must be a string", param="prompt")
         return self._prompt_tokenizer.encode_text(text)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[Function] | None = None
+    ) -> list[int]:
         """Apply the model's chat template (with the assistant generation prompt) and tokenize.
 
         Message content is text: only the template's own markers become control tokens, so
-        content cannot forge a turn (:mod:`octomil.engine.prompt_tokens`)."""
+        content cannot forge a turn (:mod:`octomil.engine.prompt_tokens`). Tools, assistant
+        ``tool_calls`` (arguments as objects) and ``tool`` messages go through the template when
+        it supports tools, else as text (:mod:`octomil.engine.tool_calls`)."""
+        uses_tools = bool(tools) or any(
+            m.get("tool_calls") or m.get("role") == "tool" for m in messages
+        )
+        native = template_supports_tools(getattr(self.tokenizer, "chat_template", None))
+        if uses_tools and not native:
+            messages = fallback_messages(messages, tools or [])
         if not messages:
             raise EngineInputError("messages must contain at least one message", param="messages")
         for i, m in enumerate(messages):
@@ -230,6 +247,8 @@ class Engine:
                 raise EngineInputError(
                     f"messages[{i}].content must be a string", param=f"messages.{i}.content"
                 )
+        if uses_tools and native:
+            return self._prompt_tokenizer.encode_chat(messages, [f.as_tool() for f in tools or []])
         return self._prompt_tokenizer.encode_chat(messages)
 
     def generate(self, request: GenerationRequest) -> Generation:
@@ -261,6 +280,13 @@ class Engine:
                     "--speculative model:NAME)",
                     param="speculative.mode",
                 )
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self._vocab_size]
+        if bad:
+            raise EngineInputError(
+                f"logit_bias token ids out of range [0, {self._vocab_size}): {bad[:5]}",
+                param="logit_bias",
+            )
+        constraint = self.grammars.compile(params.grammar) if params.grammar is not None else None
         model = self.loaded.model
         anatomy = self.loaded.anatomy
         loop: LayerLoop | FullDepthLoop
@@ -278,8 +304,9 @@ class Engine:
             self.loaded.eos_token_ids,
             self._vocab_size,
             self.prefill_chunk,
-            speculative,
-            draft,
+            speculative=speculative,
+            draft_model=draft,
+            constraint=constraint,
         )
 
     def add_draft_model(self, name: str, loaded: LoadedModel) -> None:

@@ -142,7 +142,12 @@ class AdaptedExitPolicy(ExitPolicy):
             return mx.log(mx.maximum(ent, LOG_EPS))
         return None
 
-    def decide_rows(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> list[ExitDecision]:
+    def decide_rows(
+        self, anatomy: Anatomy, hidden: mx.array, depth: int, masks: mx.array | None = None
+    ) -> list[ExitDecision]:
+        # The gate predicts the unmasked entropy and only decides whether the head runs; the
+        # exit itself is decided on the masked distribution. A row the gate skips goes deeper:
+        # a lost exit, never a token outside the grammar.
         adapter = self.adapters.get(depth)
         h = adapter(hidden) if adapter is not None else hidden
         score = self.gate_score(anatomy, h, depth)
@@ -151,8 +156,10 @@ class AdaptedExitPolicy(ExitPolicy):
             keep = [k for k, s in enumerate(score.reshape(-1).tolist()) if s <= self.gate_bound]
         decisions = [ExitDecision(False, None, None)] * h.shape[0]
         if keep:
-            rows = h if len(keep) == h.shape[0] else h[mx.array(keep)]
-            passed = _entropy_decisions(anatomy.logits(rows), self.threshold)
+            every = len(keep) == h.shape[0]
+            rows = h if every else h[mx.array(keep)]
+            kept = masks if masks is None or every else masks[mx.array(keep)]
+            passed = _entropy_decisions(anatomy.logits(rows), self.threshold, kept)
             for k, decision in zip(keep, passed, strict=True):
                 decisions[k] = decision
         return decisions

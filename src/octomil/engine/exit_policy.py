@@ -22,7 +22,8 @@ DEFAULT_EXIT_POINTS = 3
 
 
 def entropy_nats(logits: mx.array) -> mx.array:
-    """Shannon entropy (nats) of softmax(logits) over the last axis."""
+    """Shannon entropy (nats) of softmax(logits) over the last axis; tokens masked to -inf (a
+    grammar's disallowed ones) count as probability 0."""
     return decode.entropy(logits)
 
 
@@ -94,14 +95,22 @@ class ExitPolicy:
         """Should the token whose hidden state after ``depth`` layers is ``hidden`` (1, D) exit?"""
         return self.decide_rows(anatomy, hidden, depth)[0]
 
-    def decide_rows(self, anatomy: Anatomy, hidden: mx.array, depth: int) -> list[ExitDecision]:
+    def decide_rows(
+        self, anatomy: Anatomy, hidden: mx.array, depth: int, masks: mx.array | None = None
+    ) -> list[ExitDecision]:
         """:meth:`decide` for the rows of ``hidden`` (B, D) of sequences sharing this policy: one
-        head product and one synchronisation for all of them, each row decided on its own."""
-        return _entropy_decisions(anatomy.logits(hidden), self.threshold)
+        head product and one synchronisation for all of them, each row decided on its own.
+        ``masks`` (B, vocab) bool: each row's allowed tokens (a grammar's); the entropy and the
+        returned logits are those of the masked distribution."""
+        return _entropy_decisions(anatomy.logits(hidden), self.threshold, masks)
 
 
-def _entropy_decisions(logits: mx.array, threshold: float) -> list[ExitDecision]:
-    """Exit decisions from the head's logits (B, vocab), one per row."""
+def _entropy_decisions(
+    logits: mx.array, threshold: float, masks: mx.array | None = None
+) -> list[ExitDecision]:
+    """Exit decisions from the head's logits (B, vocab), one per row, over the allowed tokens."""
+    if masks is not None:
+        logits = mx.where(masks, logits, mx.array(-mx.inf, dtype=logits.dtype))
     ent = entropy_nats(logits)
     mx.eval(logits, ent)
     return [

@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from octomil.engine.constraint import Constraint, apply_mask
 from octomil.engine.draft_model import DraftModelDrafter
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
@@ -61,6 +62,7 @@ class Generation:
         prefill_chunk: int = PREFILL_STEP,
         speculative: SpeculativeSettings | None = None,
         draft_model: Any = None,
+        constraint: Constraint | None = None,
     ) -> None:
         """``draft_model``: the LoadedModel drafting for a ``model:NAME`` speculative mode."""
         self.loop = loop
@@ -69,12 +71,15 @@ class Generation:
         self.policy = policy
         self._tokenizer = tokenizer
         self._eos = frozenset() if params.ignore_eos else eos_token_ids
-        self._sampler = Sampler(params, vocab_size)
+        self._sampler = Sampler(params, vocab_size, len(prompt))
         self._text = TextStream(tokenizer, params.stop)
         self._cancelled = threading.Event()
         self.prefill_chunk = prefill_chunk
         self._chunks = deque(_prefill_chunks(len(prompt), prefill_chunk))
         self._queued: deque[Selection] = deque()  # sampled, not yet emitted
+        self.constraint = constraint
+        self._forced: deque[int] = deque()  # the grammar's forced tokens, not yet emitted
+        self._mask: mx.array | None = None  # the allowed tokens of the step being decoded
         self._history = list(prompt)
         self._created = time.perf_counter()
         self._first_token_at: float | None = None
@@ -138,7 +143,13 @@ class Generation:
         built from this step's unevaluated token."""
         no_checks = self.policy is None or not self.policy.exit_layers
         speculating = self._spec is not None and self._spec.active
-        return no_checks and not self._sampler.needs_history and not speculating
+        # A grammar's next mask depends on the token just sampled: it cannot be built ahead.
+        return (
+            no_checks
+            and not self._sampler.needs_history
+            and not speculating
+            and self.constraint is None
+        )
 
     @property
     def wants_step(self) -> bool:
@@ -147,32 +158,52 @@ class Generation:
 
     @property
     def queued(self) -> int:
-        return len(self._queued)
+        return len(self._queued) + len(self._forced)
 
-    def next_input(self) -> tuple[int | mx.array | list[int], ExitPolicy | None]:
-        """The token to decode next and the exit policy of that step (the prompt's last token,
-        which yields the first answer token, always runs at full depth). A speculating request
-        returns its last token followed by drafted tokens, verified at full depth."""
+    def next_input(
+        self,
+    ) -> tuple[int | mx.array | list[int], ExitPolicy | None, mx.array | None]:
+        """The token to decode next, the exit policy of that step (the prompt's last token,
+        which yields the first answer token, always runs at full depth) and the grammar's mask
+        of allowed tokens (None when unconstrained). A speculating request returns its last
+        token followed by drafted tokens, verified at full depth; a constrained one does not
+        speculate (its masks would have to follow the drafts)."""
+        mask = None
+        if self.constraint is not None:
+            self._fast_forward()
+            mask = self._mask = self.constraint.mask()
         if self._queued:
-            return self._queued[-1].token, self.policy
+            return self._queued[-1].token, self.policy, mask
         last = self._history[-1]
         first = not self.stats.completion_tokens
         exits = self.policy is not None and bool(self.policy.exit_layers)
         # The first answer token is decided at full depth, its successors by the exit policy:
         # with exit checks, a verification starts from the second token so all its rows share one.
-        if self._spec is not None and not (first and exits):
+        if self._spec is not None and mask is None and not (first and exits):
             room = self.params.max_tokens - self.stats.completion_tokens - 1
             self._drafts = self._spec.propose(min(room, MAX_DRAFT_TOKENS))
             if self._drafts:
-                return [last, *self._drafts], None if first else self.policy
-        return last, None if first else self.policy
+                return [last, *self._drafts], None if first else self.policy, None
+        return last, None if first else self.policy, mask
+
+    def _fast_forward(self) -> None:
+        """Feed emitted forced tokens (all but the newest, which is this step's input) into the
+        cache as one chunk at full depth: one pass for the run instead of one step per token."""
+        behind = self._history[self.loop.position : len(self._history) - 1]
+        if behind:
+            self.loop.flush()  # pending catch-up rows first, so the cache stays in order
+            self.loop.feed(behind)
 
     def select(self, step: StepResult) -> Selection:
         """Sample lazily from a step's logits and queue the token for emission."""
         if self._drafts:
             return self._select_verified(step)
         history = self._history if self._sampler.needs_history else None
-        token, logprobs = self._sampler.select(step.logits, history)
+        logits = step.logits
+        if self._mask is not None:  # already masked by the layer loop; a no-op then
+            logits = apply_mask(logits, self._mask)
+            step = replace(step, logits=logits)
+        token, logprobs = self._sampler.select(logits, history)
         entropy = None
         if self.policy is not None and step.entropy is None:
             entropy = entropy_nats(step.logits)  # stats only; evaluated with the token
@@ -214,6 +245,8 @@ class Generation:
 
     def emit(self) -> TokenEvent:
         """Read the oldest queued token (evaluating it if needed) and turn it into an event."""
+        if self._forced:
+            return self._emit_forced(self._forced.popleft())
         current = self._queued.popleft()
         token = int(current.token.item())
         step = current.resolved_step()
@@ -227,12 +260,23 @@ class Generation:
             stats.prefill_time_s = stats.time_to_first_token_s = now - self._created
         stats.decode_time_s = now - self._first_token_at
         self._record(step)
+        text, finish = self._advance(token)
+        return self._event(token, text, step, current.logprobs[0], finish)
+
+    def _advance(self, token: int) -> tuple[str, str | None]:
+        """The text ``token`` adds and the finish reason it causes; steps the grammar and
+        queues the forced tokens that follow it."""
+        stats = self.stats
+        grammar = self.constraint
+        if grammar is not None and token not in self._eos:
+            grammar.accept(token)
         finish = None
         if token in self._eos:
             text, finish = self._text.finish(), "stop"
         else:
             text = self._text.add(token)
-            if self._text.stopped:
+            if self._text.stopped or (grammar is not None and (grammar.done or grammar.failed)):
+                text += self._text.finish() if not self._text.stopped else ""
                 finish = "stop"
             elif stats.completion_tokens == self.params.max_tokens:
                 text += self._text.finish()
@@ -241,7 +285,30 @@ class Generation:
         if finish:
             self.finished = True
             self._queued.clear()
-        return self._event(token, text, step, current.logprobs[0], finish)
+            self._forced.clear()
+        elif grammar is not None and not self._forced:
+            room = self.params.max_tokens - stats.completion_tokens - len(self._queued)
+            self._forced.extend(grammar.forced()[: max(room, 0)])
+        return text, finish
+
+    def _emit_forced(self, token: int) -> TokenEvent:
+        """A token the grammar forces: no model pass (it reaches the cache by fast-forward)."""
+        self._history.append(token)
+        self.stats.completion_tokens += 1
+        self.stats.forced_tokens += 1
+        self.stats.decode_time_s = time.perf_counter() - (self._first_token_at or self._created)
+        text, finish = self._advance(token)
+        lp = TokenLogprob(token, self._tokenizer.decode([token]), 0.0)
+        return TokenEvent(
+            token_id=token,
+            text=text,
+            layers_used=0,
+            entropy=None,
+            exited_early=False,
+            logprob=lp if self.params.logprobs is not None else None,
+            finish_reason=finish,
+            forced=True,
+        )
 
     def end_cancelled(self) -> None:
         self.stats.finish_reason = "cancelled"

@@ -121,7 +121,9 @@ class LayerLoop:
 
 @dataclass(frozen=True)
 class DecodeInput:
-    """One sequence's part of a batched decode step: its loop, its next token, its exit policy.
+    """One sequence's part of a batched decode step: its loop, its next token, its exit policy,
+    and the tokens it may emit (a grammar's mask, (vocab,) bool) applied at every exit check and
+    at the last layer.
 
     ``token`` may be a list: the last token and drafted ones (``octomil.engine.verify``), fed as
     consecutive rows at full depth, with logits for every row.
@@ -130,6 +132,7 @@ class DecodeInput:
     loop: LayerLoop
     token: int | mx.array | list[int]
     policy: ExitPolicy | None
+    mask: mx.array | None = None
 
     @property
     def rows(self) -> int:
@@ -149,6 +152,7 @@ class _Group:
     rows: int = 1  # fed tokens (the last rows); > 1: a verification, which never leaves
     pending_before: int = 0
     row_exits: dict[int, ExitDecision] = field(default_factory=dict)  # verification rows
+    mask: mx.array | None = None  # allowed tokens (vocab,) bool, None: all
 
 
 # What a confident row does while its neighbours continue: "row" leaves alone (its catch-up row
@@ -173,7 +177,9 @@ def decode_batch(
         can_exit = item.policy is not None and (n > 1 or pending < MAX_PENDING_ROWS)
         positions = list(range(loop.position, loop.position + n))
         policy = item.policy if can_exit else None
-        groups.append(_Group(k, loop, policy, list(loop.pending), positions, rows=n))
+        groups.append(
+            _Group(k, loop, policy, list(loop.pending), positions, rows=n, mask=item.mask)
+        )
         groups[-1].pending_before = pending
         loop.position += n
     if len(inputs) == 1:
@@ -228,6 +234,9 @@ def decode_batch(
         pieces = [anatomy.logits(rows[a : a + cap]) for a in range(0, len(index), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
     _shadow_compare(anatomy, h, active)
+    masks = _stack_masks([g for g, n in zip(active, wanted, strict=True) for _ in range(n)])
+    if masks is not None:
+        logits_all = mx.where(masks, logits_all, mx.array(-mx.inf, dtype=logits_all.dtype))
     measured = any(inputs[g.index].policy is not None for g in active)
     entropies = entropy_nats(logits_all).tolist() if measured else []  # one sync for all rows
     firsts = list(itertools.accumulate(wanted, initial=0))
@@ -317,8 +326,12 @@ def _exits(
         assert policy is not None
         last = [row for _, row in rows]
         hidden = h[:, last[0], :] if len(rows) == 1 else h[0, mx.array(last)]
+        masks = _stack_masks([g for g, _ in rows])
+        if masks is None:
+            decisions = policy.decide_rows(anatomy, hidden, depth)
+        else:  # the exit is decided on, and its token drawn from, the allowed tokens only
+            decisions = policy.decide_rows(anatomy, hidden, depth, masks=masks)
         stops = {id(g): seg.stop for g, seg in zip(active, segments, strict=True)}
-        decisions = policy.decide_rows(anatomy, hidden, depth)
         for (g, row), decision in zip(rows, decisions, strict=True):
             if g.rows > 1:
                 if decision.exit:
@@ -351,6 +364,18 @@ def _keep_class_tokens(
     ]
     stay = {id(g) for (g, _), hit in zip(masked, hits, strict=True) if hit}
     return [(g, d) for g, d in leaving if id(g) not in stay]
+
+
+def _stack_masks(groups: list[_Group]) -> mx.array | None:
+    """The groups' allowed-token masks as (B, vocab) bool (all allowed where a group has none),
+    or None when no group is constrained."""
+    if all(g.mask is None for g in groups):
+        return None
+    if len(groups) == 1:
+        return groups[0].mask[None]  # type: ignore[index]
+    like = next(g.mask for g in groups if g.mask is not None)
+    full = mx.ones(like.shape, dtype=mx.bool_)
+    return mx.stack([g.mask if g.mask is not None else full for g in groups])
 
 
 def _as_input(token: int | mx.array | list[int]) -> mx.array:

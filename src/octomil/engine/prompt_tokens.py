@@ -25,6 +25,7 @@ API; a client that needs control tokens there sends token ids.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -72,18 +73,26 @@ class PromptTokenizer:
         check_text(text, param)
         return list(self._plain.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The chat template with the assistant generation prompt; content tokenized as text."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat template with the assistant generation prompt; content tokenized as text.
+
+        ``tools`` (and messages' ``tool_calls``) are rendered by the template into its own text:
+        they must not hold control strings, which would become control tokens there."""
         contents = [str(m["content"]) for m in messages]
         for i, content in enumerate(contents):
             check_text(content, f"messages.{i}.content")
+        self._refuse_control_strings(tools, "tools")
+        for i, m in enumerate(messages):
+            self._refuse_control_strings(m.get("tool_calls"), f"messages.{i}.tool_calls")
         if self._tokenizer.chat_template is None:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
             return self.encode_text(text, add_special_tokens=False, param="messages")
-        rendered = self._render(messages)
+        rendered = self._render(messages, tools)
         slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
         try:
-            pieces = _SLOT_RE.split(self._render(slotted))
+            pieces = _SLOT_RE.split(self._render(slotted, tools))
         except EngineInputError:
             pieces = []
         template, slots = pieces[0::2], [int(i) for i in pieces[1::2]]
@@ -93,10 +102,19 @@ class PromptTokenizer:
                 return self._encode_pieces(template, filled)
         return self._encode_untraceable(rendered, contents)
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _refuse_control_strings(self, value: Any, param: str) -> None:
+        if value is None or self._special_re is None:
+            return
+        match = self._special_re.search(json.dumps(value, ensure_ascii=False))
+        if match:
+            raise EngineInputError(
+                f"{param} contains the control token {match.group()!r}", param=param
+            )
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         try:
             return self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
+                messages, tools=tools or None, add_generation_prompt=True, tokenize=False
             )
         except Exception as exc:  # jinja raises TemplateError for e.g. non-alternating roles
             raise EngineInputError(

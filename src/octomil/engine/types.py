@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from octomil.config import EarlyExitSettings
+from octomil.engine.constraint import GrammarSpec
 from octomil.engine.speculation import SpeculativeSettings, SpeculativeStats
 
 
@@ -19,9 +20,13 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count in the output
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token already in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token's + top-k alternatives
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None  # the output must match it (structured outputs)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | None
     # Shadow checks resolved since the previous event: (exit layer, agreed with full depth).
     shadow: tuple[tuple[int, bool], ...] = ()
+    forced: bool = False  # the grammar's only continuation, emitted without a model pass
 
 
 @dataclass
@@ -59,6 +65,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     early_exit_tokens: int = 0
+    forced_tokens: int = 0  # emitted without a model pass (grammar fast-forward)
     layers_used: list[int] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
     time_to_first_token_s: float = 0.0
@@ -103,6 +110,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "early_exit_tokens": self.early_exit_tokens,
+            "forced_tokens": self.forced_tokens,
             "exit_percentage": round(self.exit_percentage, 2),
             "avg_layers_used": round(self.avg_layers_used, 3),
             "min_layers_used": self.min_layers_used,

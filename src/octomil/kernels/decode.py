@@ -80,7 +80,7 @@ def entropy(x: mx.array) -> mx.array:
     """Shannon entropy (nats) of ``softmax(x)`` over the last axis."""
     ext = extension()
     x = x.astype(mx.float32)
-    if ext is None:
+    if ext is None:  # -inf logits (masked tokens) count as probability 0, as in the kernel
         logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
-        return -(mx.exp(logp) * logp).sum(axis=-1)
+        return -mx.where(mx.isinf(logp), 0.0, mx.exp(logp) * logp).sum(axis=-1)
     return ext.entropy(x)

@@ -107,6 +107,12 @@ class ServerMetrics:
         self.early_exit_tokens = Counter(
             "octomil_early_exit_tokens", "Tokens that left the layer stack early.", m, registry=r
         ).labels(model)
+        self.forced_tokens = Counter(
+            "octomil_forced_tokens",
+            "Tokens a grammar forced, emitted without a model pass (fast-forward).",
+            m,
+            registry=r,
+        ).labels(model)
         self.layers_used = Histogram(
             "octomil_layers_used_per_token",
             "Decoder layers each generated token passed through.",
@@ -184,6 +190,9 @@ class ServerMetrics:
 
     def record_token(self, event: TokenEvent) -> None:
         self.generation_tokens.inc()
+        if event.forced:
+            self.forced_tokens.inc()
+            return
         self.layers_used.observe(event.layers_used)
         if event.exited_early:
             self.early_exit_tokens.inc()

@@ -25,6 +25,7 @@ from pydantic import (
     Strict,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
@@ -34,6 +35,7 @@ from octomil.config import SpeedQuality
 # A seed reaches the sampler as an unsigned 64-bit value; OpenAI documents the int64 range.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n: each choice is a sequence of the batch
 
 
 def _unicode_text(value: str) -> str:
@@ -57,14 +59,10 @@ Bool = Annotated[bool, Strict()]
 # Not implemented: refused with this reason unless the value is None or one of the no-op values.
 # These fields stay out of the OpenAPI schema (SkipJsonSchema): they are not part of what we serve.
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "tools": ("tool calling is not implemented yet", ([],)),
-    "tool_choice": ("tool calling is not implemented yet", ("none",)),
-    "functions": ("function calling is not implemented yet", ([],)),
-    "function_call": ("function calling is not implemented yet", ("none",)),
-    "tool_calls": ("tool calling is not implemented yet", ([],)),
+    "functions": ("deprecated by OpenAI: use tools", ([],)),
+    "function_call": ("deprecated by OpenAI: use tool_choice", ("none",)),
     "refusal": ("not implemented", ()),
     "audio": ("audio is not implemented", ()),
-    "logit_bias": ("not implemented yet", ({},)),
     "best_of": ("only best_of=1 is served", (1,)),
     "name": ("the chat template has no place for message names", ()),
 }
@@ -155,11 +153,53 @@ class StreamOptions(BaseModel):
     include_usage: Bool | None = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the output is constrained to ``schema`` (always, strict
+    or not: a grammar enforces it token by token)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Text = Field(..., max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema", description="A JSON Schema object.")
+    strict: Bool | None = False
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_with_its_type(
+        cls, value: JsonSchemaFormat | None, info: ValidationInfo
+    ) -> JsonSchemaFormat | None:
+        if value is not None and info.data.get("type") != "json_schema":
+            raise ValueError('json_schema is only allowed with type "json_schema"')
+        return value
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "missing_json_schema", 'type "json_schema" needs a json_schema object', {}
+            )
+        return self
+
+
+# vLLM's names for constrained decoding beyond response_format (Octomil extras).
+GuidedRegex = Annotated[
+    Text | None, Field(description="The output matches this regular expression (vLLM extra).")
+]
+GuidedChoice = Annotated[
+    list[Text] | None,
+    Field(min_length=1, description="The output is exactly one of these strings (vLLM extra)."),
+]
+GuidedGrammar = Annotated[
+    Text | None, Field(description="The output matches this Lark grammar (vLLM extra).")
+]
 
 
 class TextContentPart(BaseModel):
@@ -169,21 +209,37 @@ class TextContentPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+    arguments: Text = Field(..., description="The arguments object, as JSON text.")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # which call a "tool" message answers
     # What an SDK echoes back from an assistant message: accepted only as null / empty.
     name: Unsupported = None
     refusal: Unsupported = None
     audio: Unsupported = None
-    tool_calls: Unsupported = None
     function_call: Unsupported = None
 
-    _unsupported = field_validator(
-        "name", "refusal", "audio", "tool_calls", "function_call", mode="before"
-    )(_refuse_unsupported)
+    _unsupported = field_validator("name", "refusal", "audio", "function_call", mode="before")(
+        _refuse_unsupported
+    )
 
     def text(self) -> str:
         if self.content is None:
@@ -203,10 +259,14 @@ class _SamplingFields(_Request):
     """Sampling fields shared by both endpoints (OpenAI order)."""
 
     frequency_penalty: Float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Unsupported = None
+    logit_bias: dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
     presence_penalty: Float | None = Field(0.0, ge=-2.0, le=2.0)
     max_tokens: Int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
-    n: Int | None = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: Int | None = Field(
+        1, ge=1, le=MAX_CHOICES, description=f"Choices to generate (at most {MAX_CHOICES})."
+    )
     seed: Int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     stop: Stop = None
     stream: Bool | None = False
@@ -215,13 +275,16 @@ class _SamplingFields(_Request):
     top_p: Float | None = Field(1.0, ge=0.0, le=1.0)
     user: Text | None = None
 
-    _unsupported = field_validator("logit_bias", mode="before")(_refuse_unsupported)
-
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported yet; leave it at 0")
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise PydanticCustomError(
+                    "invalid_token_id",
+                    "logit_bias keys are token ids (non-negative integers), got {key!r}",
+                    {"key": key},
+                )
         return value
 
     @field_validator("stop")
@@ -236,24 +299,59 @@ class _SamplingFields(_Request):
         return value
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text = Field(..., max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="JSON Schema of the arguments object; calls are constrained to it."
+    )
+    strict: Bool | None = False
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: Text
     logprobs: Bool | None = False
     max_completion_tokens: Int | None = Field(None, ge=1)
+    parallel_tool_calls: Bool | None = True
     response_format: ResponseFormat | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
     functions: Unsupported = None
     function_call: Unsupported = None
     early_exit: EarlyExitField = None
     task: TaskField = None
     speculative: SpeculativeField = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
 
-    _unsupported_chat = field_validator(
-        "tools", "tool_choice", "functions", "function_call", mode="before"
-    )(_refuse_unsupported)
+    _unsupported_chat = field_validator("functions", "function_call", mode="before")(
+        _refuse_unsupported
+    )
 
     @field_validator("top_logprobs")
     @classmethod
@@ -275,6 +373,9 @@ class CompletionRequest(_SamplingFields):
     early_exit: EarlyExitField = None
     task: TaskField = None
     speculative: SpeculativeField = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
 
     _unsupported_completion = field_validator("best_of", mode="before")(_refuse_unsupported)
 
@@ -308,6 +409,7 @@ class EarlyExitUsage(BaseModel):
     max_layers_used: int
     avg_entropy: float | None
     total_layers: int
+    forced_tokens: int = 0  # emitted without a model pass (a grammar's only continuation)
 
 
 class SpeculativeUsage(BaseModel):
@@ -345,7 +447,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

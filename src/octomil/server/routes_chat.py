@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
-from octomil.server import serving, telemetry
+from octomil.server import choices, serving, structured, telemetry, tools
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     AssistantMessage,
@@ -57,24 +59,29 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     state = serving.get_state(raw)
     serving.check_model(state, body.model)
     serving.check_messages(state, len(body.messages))
-    if body.response_format is not None and body.response_format.type != "text":
-        # Not enforced yet: accepting it would promise JSON the model may not produce.
-        raise APIError(
-            400,
-            f"response_format {body.response_format.type} is not supported yet (structured "
-            "decoding is not implemented); use text",
-            param="response_format",
-            code="unsupported_value",
-        )
+    grammar = structured.grammar_spec(
+        body.response_format, body.guided_regex, body.guided_choice, body.guided_grammar
+    )
+    tool_plan = tools.plan(body)
+    if tool_plan.grammar is not None:
+        if grammar is not None:
+            raise APIError(
+                400,
+                f"{grammar.param} cannot be combined with tool calls (unless tool_choice='none')",
+                param=grammar.param,
+                code="invalid_value",
+            )
+        grammar = tool_plan.grammar
     early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
     speculative = speculative_settings(state.engine, body.speculative)
     # "developer" is the newer name of "system"; chat templates know only the latter.
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
-    with serving.admit(state) as slot:  # before any work on the request
-        prompt = await serving.tokenize(state, state.engine.encode_chat, messages)
+    messages = [tools.engine_message(i, m) for i, m in enumerate(body.messages)]
+    n = body.n or 1
+    with contextlib.ExitStack() as stack:  # admission before any work on the request
+        slots = choices.admit(state, n, stack)
+        prompt = await serving.tokenize(
+            state, state.engine.encode_chat, messages, tool_plan.functions
+        )
         want_logprobs = bool(body.logprobs)
         params = serving.sampling_params(
             state,
@@ -86,26 +93,39 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             stop=body.stop,
             logprobs=(body.top_logprobs or 0) if want_logprobs else None,
             prompt_param="messages",
+            grammar=grammar,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.logit_bias,
         )
-        stream = await serving.start(
-            state, GenerationRequest(tuple(prompt), params, early_exit, speculative), slot
-        )
+        requests = [
+            GenerationRequest(tuple(prompt), choices.seeded(params, i), early_exit, speculative)
+            for i in range(n)
+        ]
+        streams = await choices.start(state, requests, slots)
     request_id, created = new_id("chatcmpl"), now()
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        calls = [tools.ToolCallDeltas() for _ in range(n)] if tool_plan.reads_calls else None
 
         def choice(event: TokenEvent) -> dict:
+            index = getattr(event, "index", 0)
             finish = event.finish_reason
             logprobs = None
             if want_logprobs and (lp := _token_logprob(event)):
                 logprobs = {"content": [lp.model_dump()]}
-            delta = {"content": event.text} if event.text or finish is None else {}
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if calls is not None:
+                delta = calls[index].delta(event.text)
+                if finish == "stop" and calls[index].calls:
+                    finish = "tool_calls"
+            else:
+                delta = {"content": event.text} if event.text or finish is None else {}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-        return serving.stream_response(
+        return choices.stream_response(
             state,
-            stream,
+            streams,
             arrival=arrival,
             prompt_tokens=len(prompt),
             envelope={
@@ -116,29 +136,46 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
             },
             choice=choice,
             include_usage=include_usage,
-            first_choice={
-                "index": 0,
+            first_choice=lambda i: {
+                "index": i,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
             },
         )
 
-    done = await serving.collect(
-        state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+    dones = await asyncio.gather(
+        *(
+            serving.collect(
+                state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+            )
+            for stream in streams
+        )
     )
+    answers, any_calls = [], False
+    for i, done in enumerate(dones):
+        content, tool_calls, finish = done.text, [], done.finish_reason
+        if tool_plan.reads_calls:
+            content, tool_calls = tools.read_calls(done.text)
+            if tool_calls and finish == "stop":
+                finish = "tool_calls"
+        any_calls = any_calls or bool(tool_calls)
+        message = AssistantMessage(content=content, tool_calls=tool_calls or None)
+        logprobs = _logprobs(done.events, want_logprobs)
+        answers.append(
+            ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
+        )
+    stats = choices.merged_stats([d.stats for d in dones])
     response = ChatCompletionResponse(
         id=request_id,
         created=created,
         model=state.engine.model_id,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=done.text),
-                logprobs=_logprobs(done.events, want_logprobs),
-                finish_reason=done.finish_reason,
-            )
-        ],
-        usage=telemetry.usage(done.stats, len(prompt)),
+        choices=answers,
+        usage=telemetry.usage(stats, len(prompt)),
     )
-    headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
-    return JSONResponse(response.model_dump(), headers=headers)
+    payload = response.model_dump()
+    for answer in payload["choices"]:  # as OpenAI: the key appears only with calls
+        if answer["message"]["tool_calls"] is None:
+            del answer["message"]["tool_calls"]
+    headers = telemetry.headers(stats) if state.options.telemetry_headers else None
+    return JSONResponse(payload, headers=headers)

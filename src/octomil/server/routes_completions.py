@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from octomil.engine.types import GenerationRequest, TokenEvent
-from octomil.server import serving, telemetry
+from octomil.server import choices, serving, structured, telemetry
 from octomil.server.errors import APIError
 from octomil.server.protocol import (
     CompletionChoice,
@@ -56,12 +58,17 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
     early_exit = serving.early_exit_settings(state, body.early_exit, serving.task(body.task, raw))
     speculative = speculative_settings(state.engine, body.speculative)
+    grammar = structured.grammar_spec(
+        None, body.guided_regex, body.guided_choice, body.guided_grammar
+    )
     prompt_in = (
         body.prompt[0]
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], str)
         else body.prompt
     )
-    with serving.admit(state) as slot:  # before any work on the request
+    n = body.n or 1
+    with contextlib.ExitStack() as stack:  # admission before any work on the request
+        slots = choices.admit(state, n, stack)
         if isinstance(prompt_in, str):
             prompt = await serving.tokenize(state, state.engine.encode, prompt_in)
         else:
@@ -78,10 +85,16 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             stop=body.stop,
             logprobs=body.logprobs,
             prompt_param="prompt",
+            grammar=grammar,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.logit_bias,
         )
-        stream = await serving.start(
-            state, GenerationRequest(tuple(prompt), params, early_exit, speculative), slot
-        )
+        requests = [
+            GenerationRequest(tuple(prompt), choices.seeded(params, i), early_exit, speculative)
+            for i in range(n)
+        ]
+        streams = await choices.start(state, requests, slots)
     request_id, created = new_id("cmpl"), now()
     want_logprobs = body.logprobs is not None
 
@@ -93,15 +106,15 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             if want_logprobs and event.logprob is not None:
                 logprobs = _logprobs([event]).model_dump()
             return {
-                "index": 0,
+                "index": getattr(event, "index", 0),
                 "text": event.text,
                 "logprobs": logprobs,
                 "finish_reason": event.finish_reason,
             }
 
-        return serving.stream_response(
+        return choices.stream_response(
             state,
-            stream,
+            streams,
             arrival=arrival,
             prompt_tokens=len(prompt),
             envelope={
@@ -114,21 +127,29 @@ async def create_completion(body: CompletionRequest, raw: Request):  # noqa: ANN
             include_usage=include_usage,
         )
 
-    done = await serving.collect(
-        state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+    dones = await asyncio.gather(
+        *(
+            serving.collect(
+                state, stream, arrival=arrival, prompt_tokens=len(prompt), http_request=raw
+            )
+            for stream in streams
+        )
     )
+    stats = choices.merged_stats([d.stats for d in dones])
     response = CompletionResponse(
         id=request_id,
         created=created,
         model=state.engine.model_id,
         choices=[
             CompletionChoice(
+                index=i,
                 text=done.text,
                 logprobs=_logprobs(done.events) if want_logprobs else None,
                 finish_reason=done.finish_reason,
             )
+            for i, done in enumerate(dones)
         ],
-        usage=telemetry.usage(done.stats, len(prompt)),
+        usage=telemetry.usage(stats, len(prompt)),
     )
-    headers = telemetry.headers(done.stats) if state.options.telemetry_headers else None
+    headers = telemetry.headers(stats) if state.options.telemetry_headers else None
     return JSONResponse(response.model_dump(), headers=headers)

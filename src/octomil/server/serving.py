@@ -18,6 +18,7 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 
 from octomil.config import EarlyExitSettings, resolve_early_exit
+from octomil.engine.constraint import GrammarSpec
 from octomil.engine.types import GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 from octomil.server import sse, telemetry
 from octomil.server.drift import DEFAULT_MARGIN, DEFAULT_WINDOW, DriftAlarm
@@ -158,6 +159,10 @@ def sampling_params(
     stop: str | list[str] | None,
     logprobs: int | None,
     prompt_param: str,
+    grammar: GrammarSpec | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    logit_bias: dict[str, float] | None = None,
 ) -> SamplingParams:
     context = state.engine.context_length
     limits = state.options
@@ -215,6 +220,10 @@ def sampling_params(
         seed=None if seed is None else seed % 2**64,
         stop=tuple(s for s in stops if s),
         logprobs=logprobs,
+        grammar=grammar,
+        frequency_penalty=frequency_penalty or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        logit_bias=tuple((int(k), float(v)) for k, v in (logit_bias or {}).items()),
     )
 
 

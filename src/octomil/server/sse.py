@@ -76,7 +76,10 @@ async def completion_chunks(
             final = event.finish_reason is not None
             if not final and not event.text and event.logprob is None:
                 continue  # e.g. text held back while a stop string may still match
-            chunk = {**envelope, "choices": [choice(event)]}
+            body = choice(event)
+            if not final and body.get("delta") == {} and body.get("logprobs") is None:
+                continue  # nothing to send yet (e.g. a tool call still being written)
+            chunk = {**envelope, "choices": [body]}
             if final:
                 chunk.update(final_extras())
             yield chunk

@@ -26,6 +26,7 @@ def early_exit_usage(stats: GenerationStats) -> EarlyExitUsage:
         max_layers_used=stats.max_layers_used,
         avg_entropy=None if entropy is None else round(entropy, 4),
         total_layers=stats.total_layers,
+        forced_tokens=stats.forced_tokens,
     )
 
 
