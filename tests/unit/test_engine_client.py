@@ -140,6 +140,24 @@ def test_drain_lets_requests_finish_then_aborts_the_rest(engine) -> None:
     _run(engine, body, max_kv_tokens=None)
 
 
+def test_a_request_admitted_before_drain_is_served(engine) -> None:
+    """Regression: a request admitted (slot taken) but still being tokenized when SIGTERM came
+    was refused with 503 instead of being let finish like the requests already decoding."""
+
+    async def body(client: EngineClient) -> None:
+        slot = client.reserve()
+        drained = threading.Thread(target=client.drain, args=(30.0,))
+        drained.start()
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineStoppedError):
+            client.reserve()  # new admissions are refused
+        assert len(await _drain(await client.generate(_req(4, 1), slot))) == 4
+        await asyncio.to_thread(drained.join)
+        assert client.admitted == 0
+
+    _run(engine, body, max_kv_tokens=None)
+
+
 def test_loader_failure_is_reported() -> None:
     def broken():  # noqa: ANN202
         raise ValueError("no such model")

@@ -287,7 +287,8 @@ class EngineClient:
         EngineStoppedError or the engine's input errors."""
         slot = slot or self.reserve()
         with slot:
-            if self._stopped.is_set() or self._draining.is_set():
+            # Draining refuses new admissions (reserve); a request admitted before it may finish.
+            if self._stopped.is_set():
                 raise EngineStoppedError("the server is shutting down")
             loop = asyncio.get_running_loop()
             job = _Job(request, slot, loop, asyncio.Queue())
