@@ -7,15 +7,11 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 
 import pytest
 from conftest import free_port, octomil_cmd
 
 from octomil.server.cli_serve import exposure_warning
-
-# Each must fail before the model (or MLX) loads: well under the ~10 s a load takes here.
-FAST_S = 8.0
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -57,7 +53,6 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_flags_are_one_line_exit_2_before_loading(args: tuple[str, ...], needle: str) -> None:
-    start = time.monotonic()
     proc = _run(*args)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -65,8 +60,8 @@ def test_bad_flags_are_one_line_exit_2_before_loading(args: tuple[str, ...], nee
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert needle in lines[0]
     assert not set("╭│╰") & set(proc.stderr)  # no rich box
-    assert "Listening" not in proc.stdout and "[engine]" not in proc.stdout
-    assert time.monotonic() - start < FAST_S
+    # Before loading: no startup line anywhere (it goes to stdout for serve, stderr otherwise).
+    assert "Listening" not in proc.stdout and "[engine]" not in proc.stdout + proc.stderr
 
 
 def test_a_policy_for_other_weights_is_exit_2(tmp_path) -> None:
