@@ -16,12 +16,14 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's few-row product
-	@# route (octomil/blas/native/*.c) at the first import.
-	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null; }; then \
-	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and a C compiler (gcc)"; \
+	@# route (octomil/blas/native/*.c) at the first import; cmake and g++ build the quantized
+	@# products' MLX extension (octomil/quant/native) at first use.
+	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null \
+	    || ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; }; then \
+	  echo "[setup] installing OpenBLAS (libopenblas0-pthread), gcc, g++ and cmake"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc) \
-	    || echo "[setup] warning: could not install OpenBLAS/gcc; MLX's CPU products stay slow"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc g++ cmake) \
+	    || echo "[setup] warning: could not install OpenBLAS/compilers; MLX's CPU products stay slow"; \
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
