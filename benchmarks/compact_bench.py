@@ -188,7 +188,8 @@ def main() -> None:
             entry["bytes_per_token"] = weight_bytes(engine.loaded.model)
             entry["layout"] = engine.loaded.describe_layout()
             agree = [
-                teacher_forced_agreement(engine, ids, ref) for ids, ref in zip(encoded, reference)
+                teacher_forced_agreement(engine, ids, ref)
+                for ids, ref in zip(encoded, reference, strict=True)
             ]
             entry["teacher_forced_agreement"] = sum(a for a, _ in agree) / sum(n for _, n in agree)
             entry["free_running_exact_match"] = sum(
