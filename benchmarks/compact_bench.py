@@ -154,7 +154,7 @@ def main() -> None:
     ]
     llama = None
     if not args.no_llamacpp and llamacpp_available():
-        llama = LlamaCpp(engines["float32"].loaded.source, max_seconds=60)
+        llama = LlamaCpp(engines["float32"].loaded.source, max_seconds=20)
     configs = [*FORMATS, *([LLAMA] if llama else [])]
 
     def run(config: str, ids: list[int]) -> dict:
