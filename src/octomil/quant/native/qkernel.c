@@ -177,9 +177,20 @@ static void dequant_chunk(const void *arg, int chunk) {
     const float *s = j->scales + (size_t)(d->n0 + o) * d->c->groups;
     const float *b = j->biases + (size_t)(d->n0 + o) * d->c->groups;
     float *dst = d->buf + (size_t)o * j->k;
-    for (int i = 0; i < j->k; ++i) {
-      const int q = j->bits == 8 ? w[i] : (w[i / 2] >> ((i & 1) * 4)) & 15;
-      dst[i] = (float)q * s[i / j->group_size] + b[i / j->group_size];
+    const int gs = j->group_size;
+    for (int g = 0; g < d->c->groups; ++g) { /* per group, so the compiler vectorizes the loops */
+      const float sg = s[g], bg = b[g];
+      float *out = dst + g * gs;
+      if (j->bits == 8) {
+        const uint8_t *q = w + g * gs;
+        for (int i = 0; i < gs; ++i) out[i] = (float)q[i] * sg + bg;
+      } else {
+        const uint8_t *q = w + g * gs / 2;
+        for (int i = 0; i < gs / 2; ++i) {
+          out[2 * i] = (float)(q[i] & 15) * sg + bg;
+          out[2 * i + 1] = (float)(q[i] >> 4) * sg + bg;
+        }
+      }
     }
   }
 }

@@ -11,8 +11,11 @@ extern "C" {
 #endif
 
 /* Products of up to this many rows read the weights once for all rows (decode, verification,
- * catch-up, small batches); more rows (prefill) dequantize blocks of weights for sgemm. */
-enum { QMM_MAX_ROWS = 16 };
+ * catch-up, batches); more rows (prefill) dequantize blocks of weights for sgemm. Equal to the BLAS
+ * route's MAX_ROWS, which caps the engine's batched products: every row of a batch then takes this
+ * kernel, whose rows are bitwise independent of each other, so a sequence's answer does not depend
+ * on the batch around it (the sgemm path sums in another order). */
+enum { QMM_MAX_ROWS = 32 };
 
 typedef struct {
   int rows, n, k, bits, group_size;
