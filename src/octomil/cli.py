@@ -53,8 +53,9 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Weight layout: auto (the faster exact one: native or float32), native, float32, "
-        "bfloat16, float16",
+        help="Weight layout: auto (the faster exact one: the checkpoint's own precision or "
+        "float32), native, float32, bfloat16, float16, q8, q4 (8/4-bit weights on Octomil's CPU "
+        "kernel)",
     ),
 ]
 

@@ -30,8 +30,9 @@ PRESETS: dict[SpeedQuality, Preset] = {
     SpeedQuality.fast: Preset(threshold=0.5, min_layers_fraction=0.25),
 }
 
-# --dtype: "auto" picks the fastest exact layout; "native" keeps the checkpoint's own.
-WEIGHT_LAYOUTS = ("auto", "native", "float32", "bfloat16", "float16")
+# --dtype: "auto" picks the fastest exact layout; "native" keeps the checkpoint's own; q8/q4 are
+# 8/4-bit weights on Octomil's CPU kernel (octomil.quant).
+WEIGHT_LAYOUTS = ("auto", "native", "float32", "bfloat16", "float16", "q8", "q4")
 
 # With an explicit threshold and no preset, tokens may leave from half depth on.
 DEFAULT_MIN_LAYERS_FRACTION = 0.5

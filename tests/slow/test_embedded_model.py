@@ -34,7 +34,8 @@ def engine():
 
 @pytest.fixture(scope="module")
 def stock_model(engine):
-    """The same GGUF weights in stock mlx-lm modules (fp32): what mlx_lm.generate runs."""
+    """The same GGUF weights in stock mlx-lm modules (fp32, or under q4/q8 mlx's own quantized
+    modules and product): what mlx_lm.generate runs."""
     return load_stock_model(engine.loaded)
 
 

@@ -6,8 +6,12 @@ dequantized to fp32. We do not assume that: :func:`measure_layouts` times one de
 product (one token through an MLP-sized projection) at load time. ``--dtype auto`` chooses only
 among *exact* layouts (the checkpoint's own, or fp32, which holds every 4/8-bit, fp16 and bf16
 weight exactly): a rounding layout (bf16, fp16 from fp32) changes answers, so it is used only when
-asked for with ``--dtype``. Exact layouts still sum in different orders, so the first decision on a
-machine is kept (:mod:`octomil.models.layout_cache`): machine load never changes a later one.
+asked for with ``--dtype``. A 4- or 8-bit checkpoint's own precision is served by Octomil's kernel
+(``q4``/``q8``, :mod:`octomil.quant`) when it is available; that candidate and fp32 are timed on
+one token through every layer's largest projection, so the fp32 weights stream from memory as in
+decode rather than sitting in cache. Exact layouts still sum in different orders, so the first
+decision on a machine is kept (:mod:`octomil.models.layout_cache`): machine load never changes a
+later one.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from octomil.config import WEIGHT_LAYOUTS
 from octomil.models import layout_cache
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+COMPACT = {"q8": 8, "q4": 4}  # octomil.quant's formats: bits of the layers' weights
 LAYOUT_CHOICES = WEIGHT_LAYOUTS
-assert set(LAYOUT_CHOICES) == {"auto", "native", *DTYPES}
+assert set(LAYOUT_CHOICES) == {"auto", "native", *DTYPES, *COMPACT}
 # Timing stops for a layout this many times slower than the fastest after a round.
 DROPOUT_FACTOR = 3.0
 # (in, out) storage is adopted when its matvec takes less than this share of the (out, in) one.
@@ -40,11 +45,18 @@ class LayoutChoice:
     transposed: bool = False  # float weights stored (in, out); see octomil.models.transposed
     storage_ms: tuple[float, float] | None = None  # matvec ms with (out, in) vs (in, out) storage
     cached: bool = False  # decided by an earlier load's measurement on this machine
+    fallback: str = ""  # why a requested q8/q4 layout is served as float32 instead
 
     def describe(self, native: str) -> str:
         what = native if self.layout == "native" else self.layout
         if self.transposed:
             what += " (in, out)"
+        if self.fallback:
+            what += f" ({self.fallback})"
+        if self.layout in COMPACT:
+            from octomil.quant import kernel
+
+            what += f" on {kernel.describe()}"
         if not self.measured:
             return f"{what} (requested)"
         times = ", ".join(
@@ -129,12 +141,65 @@ def _decision_key(proj: nn.Module, **extra: object) -> dict[str, object]:
     }
 
 
+def _compact_native(model: nn.Module) -> str | None:
+    """ "q4"/"q8" when the checkpoint is 4/8-bit affine and Octomil's kernel can serve it as is."""
+    proj = _largest_projection(model.model.layers[0])
+    if not isinstance(proj, nn.QuantizedLinear) or proj.mode != "affine" or proj.group_size % 32:
+        return None
+    fmt = {8: "q8", 4: "q4"}.get(proj.bits)
+    from octomil.quant import kernel
+
+    return fmt if fmt and kernel.available() else None
+
+
+# A compact layout must not slow batched decoding down: it is timed at one row and at a batch
+# of this many rows (the serve default, --max-batch-size 8) and chosen only if it wins at both.
+BATCH_ROWS = 8
+
+
+def measure_compact(model: nn.Module, fmt: str) -> dict[str, float]:
+    """Milliseconds of one token, and of a batch of ``BATCH_ROWS`` rows, through every layer's
+    largest projection: ``fmt`` on Octomil's kernel vs fp32 (the weights of all layers exceed the
+    caches, as in decode). Keys: ``fmt``, ``float32`` and the same with `` x8``."""
+    from octomil.quant import kernel
+
+    projs = [_largest_projection(layer) for layer in model.model.layers]
+    triples = [(p.weight, p.scales.astype(mx.float32), p.biases.astype(mx.float32)) for p in projs]
+    dense = [mx.dequantize(w, s, b, projs[0].group_size, projs[0].bits) for w, s, b in triples]
+    mx.eval(triples, dense)
+    size, bits = projs[0].group_size, projs[0].bits
+    fns = {}
+    for rows, suffix in ((1, ""), (BATCH_ROWS, f" x{BATCH_ROWS}")):
+        x = mx.random.normal((1, rows, dense[0].shape[1]))
+        fns[fmt + suffix] = lambda x=x: mx.stack(
+            [kernel.quantized_matmul(x, *t, size, bits) for t in triples]
+        )
+        fns["float32" + suffix] = lambda x=x: mx.stack([x @ w.T for w in dense])
+    return _time_interleaved(fns, rounds=5, repeats=3)
+
+
+def _fastest(timings: dict[str, float]) -> str:
+    """The layout to serve: the fastest one-row candidate, except that a compact one must also be
+    faster than fp32 on a batch (its `` xN`` timings)."""
+    single = {k: v for k, v in timings.items() if " x" not in k}
+    best = min(single, key=single.__getitem__)
+    batched = [k for k in timings if k.startswith(best + " x")]
+    if batched and "float32" in single:
+        rows = batched[0].split(" ", 1)[1]
+        if timings[batched[0]] >= timings[f"float32 {rows}"]:
+            return "float32"
+    return best
+
+
 def measure_layouts(model: nn.Module) -> dict[str, float]:
     """Milliseconds of one token through a representative projection, per exact layout:
     "native" (the checkpoint's own) and "float32"; empty when there is nothing to choose."""
     proj = _largest_projection(model.model.layers[0])
     if proj is None:
         return {}
+    fmt = _compact_native(model)
+    if fmt:
+        return measure_compact(model, fmt)
     if isinstance(proj, nn.QuantizedLinear):
         w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
         xq = mx.random.normal((1, 1, w.shape[1])).astype(proj.scales.dtype)
@@ -176,23 +241,31 @@ def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
     proj = _largest_projection(model.model.layers[0])
     if proj is None:
         return LayoutChoice("native", {}, measured=False)
+    compact = _compact_native(model)
 
     def measure() -> dict[str, object]:
         timings = measure_layouts(model)
-        best = min(timings, key=timings.__getitem__) if timings else "native"
+        best = _fastest(timings) if timings else "native"
         return {"layout": best, "timings_ms": timings}
 
-    decision, cached = layout_cache.decide("layout", _decision_key(proj), measure)
+    key = _decision_key(proj, compact=compact or "unavailable", batch_rows=BATCH_ROWS)
+    decision, cached = layout_cache.decide("layout", key, measure)
     timings = {str(k): float(v) for k, v in dict(decision.get("timings_ms", {})).items()}
     layout = str(decision.get("layout"))
-    if layout not in ("native", "float32"):  # a hand-edited or foreign file: never a rounding one
+    if layout not in ("native", "float32", compact):  # hand-edited/foreign: never a rounding one
         layout = "native"
     return LayoutChoice(layout, timings, measured=True, cached=cached and bool(timings))
 
 
-def convert_precision(model: nn.Module, layout: str) -> None:
-    """Dequantize (if quantized) and cast ``model`` in place to ``layout``; "native" is a no-op."""
+def convert_precision(model: nn.Module, layout: str, *, stock: bool = False) -> None:
+    """Dequantize (if quantized) and cast ``model`` in place to ``layout``; "native" is a no-op.
+    ``q8``/``q4`` quantize instead (``stock``: into mlx's own modules, see ``compact_model``)."""
     if layout == "native":
+        return
+    if layout in COMPACT:
+        from octomil.quant.modules import compact_model
+
+        compact_model(model, layout, stock=stock)
         return
     from mlx_lm.utils import dequantize_model
 
@@ -208,6 +281,12 @@ def apply_layout(model: nn.Module, choice: LayoutChoice) -> LayoutChoice:
 
     Returns the choice with the storage decision filled in.
     """
+    if choice.layout in COMPACT:
+        from octomil.quant import kernel
+
+        if not kernel.available():  # no compiler/cmake: the exact float32 layout instead
+            why = f"{choice.layout} unavailable: {kernel.reason()}"
+            choice = replace(choice, layout="float32", fallback=why)
     convert_precision(model, choice.layout)
     proj = _largest_projection(model.model.layers[0])
     if not isinstance(proj, nn.Linear):

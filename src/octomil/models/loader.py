@@ -130,5 +130,5 @@ def load_stock_model(loaded: LoadedModel) -> nn.Module:
     """The same weights as ``loaded`` in mlx-lm's own modules and dtype, without Octomil's storage
     changes: the reference that stock ``mlx_lm.generate`` runs, for parity tests and benchmarks."""
     model = _read(Path(loaded.source))[0]
-    convert_precision(model, loaded.layout.layout)
+    convert_precision(model, loaded.layout.layout, stock=True)
     return model

@@ -1,0 +1,116 @@
+"""Octomil's quantized products (``octomil.quant.kernel``) against a float64 reference computed from
+MLX's own ``mx.dequantize``: 4 and 8 bits, group sizes 32/64/128, the embedded model's projection
+shapes and ragged ones, 1-9, 15-17, max_rows() and max_rows() + 1 rows and a prefill-sized
+product, with every
+instruction set this CPU has.
+
+Tolerance: |ours - reference| <= 1e-5 * (|x| @ |W|.T) + 1e-30 per element, a bound on fp32 rounding
+of a k <= 1536 term sum relative to the sum of the terms' magnitudes (fp32 epsilon 6e-8 times
+sqrt(k) ~ 40 gives 2.4e-6; the few-row kernel and sgemm both stay below it)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from fresh_python import run_python
+
+from octomil.quant import kernel
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason=kernel.reason())
+
+# (n, k): q/o and gate/up/down of the embedded model, and ragged outputs (a partial chunk).
+SHAPES = ((576, 576), (1536, 576), (576, 1536), (200, 128))
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def isa(request):
+    best = kernel.isa()
+    if not kernel.select_isa(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    assert kernel.select_isa(best)
+
+
+def _quantized(n: int, k: int, bits: int, group_size: int, seed: int):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    dense = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
+    return wq, scales, biases, np.array(dense, dtype=np.float64)
+
+
+def _check(rows: int, wq, scales, biases, dense, bits: int, group_size: int, seed: int) -> None:
+    x = mx.random.normal((rows, dense.shape[1]), key=mx.random.key(seed + 1))
+    got = np.array(kernel.quantized_matmul(x, wq, scales, biases, group_size, bits))
+    xd = np.array(x, dtype=np.float64)
+    want = xd @ dense.T
+    bound = 1e-5 * (np.abs(xd) @ np.abs(dense).T) + 1e-30
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_every_row_count_matches_the_dequantized_product(isa, bits, n, k):
+    wq, scales, biases, dense = _quantized(n, k, bits, 32, seed=n + k + bits)
+    for rows in (*range(1, 10), 15, 16, 17, kernel.max_rows(), kernel.max_rows() + 1, 40):
+        _check(rows, wq, scales, biases, dense, bits, 32, seed=rows)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_larger_groups(isa, bits, group_size):
+    wq, scales, biases, dense = _quantized(300, 1536, bits, group_size, seed=group_size)
+    for rows in (1, 3, 16, 33):
+        _check(rows, wq, scales, biases, dense, bits, group_size, seed=rows)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_shape(bits):
+    """The tied LM head (49152 x 576): the product decode runs once per token."""
+    wq, scales, biases, dense = _quantized(49152, 576, bits, 32, seed=7)
+    for rows in (1, 5, 33):
+        _check(rows, wq, scales, biases, dense, bits, 32, seed=rows)
+
+
+def test_a_row_is_bitwise_the_same_alone_or_in_a_batch(isa):
+    """Pins the few-row kernel's fixed summation order: batching must not change a row's bits."""
+    wq, scales, biases, _ = _quantized(1536, 576, 4, 32, seed=3)
+    x = mx.random.normal((kernel.max_rows(), 576), key=mx.random.key(4))
+    batch = kernel.quantized_matmul(x, wq, scales, biases, 32, 4)
+    for r in (0, 1, 5, kernel.max_rows() - 1):
+        alone = kernel.quantized_matmul(x[r : r + 1], wq, scales, biases, 32, 4)
+        assert mx.array_equal(alone[0], batch[r])
+
+
+def test_leading_dimensions_and_graph_laziness():
+    """(batch, tokens, k) inputs keep their leading shape, and the op composes inside a graph."""
+    wq, scales, biases, dense = _quantized(576, 576, 8, 32, seed=5)
+    x = mx.random.normal((2, 3, 576), key=mx.random.key(6))
+    y = kernel.quantized_matmul(x, wq, scales, biases, 32, 8) * 2.0 + 1.0
+    want = (np.array(x, dtype=np.float64) @ dense.T) * 2.0 + 1.0
+    assert y.shape == (2, 3, 576)
+    assert np.allclose(np.array(y), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_raise_value_errors():
+    wq, scales, biases, _ = _quantized(64, 64, 8, 32, seed=8)
+    with pytest.raises(ValueError, match="last dimension must be 64"):
+        kernel.quantized_matmul(mx.zeros((1, 32)), wq, scales, biases, 32, 8)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        kernel.quantized_matmul(mx.zeros((1, 64)), wq, scales, biases, 32, 3)
+    with pytest.raises(ValueError, match="float32"):
+        kernel.quantized_matmul(mx.zeros((1, 64)), wq, scales.astype(mx.float16), biases, 32, 8)
+
+
+def test_a_fresh_process_takes_the_fast_paths():
+    """In a fresh interpreter (OpenBLAS and the route loaded by ``import octomil``), a one-row
+    product runs the few-row kernel and a 40-row one dequantizes for sgemm: the counters move."""
+    code = (
+        "import octomil, mlx.core as mx\n"
+        "from octomil.quant import kernel\n"
+        "wq, s, b = mx.quantize(mx.random.normal((256, 256)), group_size=32, bits=4)\n"
+        "mx.eval(kernel.quantized_matmul(mx.ones((1, 256)), wq, s, b, 32, 4))\n"
+        "print(kernel.calls(), kernel.calls(prefill=True))\n"
+        "mx.eval(kernel.quantized_matmul(mx.ones((40, 256)), wq, s, b, 32, 4))\n"
+        "print(kernel.calls(), kernel.calls(prefill=True), kernel.isa() != '')\n"
+    )
+    assert run_python(code) == ["1 0", "1 1 True"]
