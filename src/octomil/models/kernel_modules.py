@@ -54,39 +54,39 @@ def _runs_on_kernels(x: mx.array, mask: Any, cache: Any) -> bool:
     return causal and plain_cache and x.dtype == mx.float32 and decode.extension() is not None
 
 
-class KernelLlamaAttention(llama.Attention):
+class _KernelAttention:
+    """Mixed in before a family's attention class: the kernels where the call allows them."""
+
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         if not _runs_on_kernels(x, mask, cache):
-            return super().__call__(x, mask, cache)
+            return super().__call__(x, mask, cache)  # type: ignore[misc]
         return _kernel_attention(self, x, mask, cache)
 
 
-class KernelQwen2Attention(qwen2.Attention):
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        if not _runs_on_kernels(x, mask, cache):
-            return super().__call__(x, mask, cache)
-        return _kernel_attention(self, x, mask, cache)
+class _KernelMLP:
+    """Mixed in before a family's SwiGLU MLP class: the kernel's SwiGLU when it is on."""
 
-
-def _kernel_swiglu(x: mx.array) -> Any:
-    ext = decode.extension()
-    return ext.swiglu if ext is not None and x.dtype == mx.float32 else None
-
-
-class KernelLlamaMLP(llama.MLP):
     def __call__(self, x: mx.array) -> mx.array:
-        swiglu = _kernel_swiglu(x)
-        if swiglu is None:
-            return super().__call__(x)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        ext = decode.extension()
+        if ext is None or x.dtype != mx.float32:
+            return super().__call__(x)  # type: ignore[misc]
+        return self.down_proj(ext.swiglu(self.gate_proj(x), self.up_proj(x)))  # type: ignore[attr-defined]
 
 
-class KernelQwen2MLP(qwen2.MLP):
-    def __call__(self, x: mx.array) -> mx.array:
-        swiglu = _kernel_swiglu(x)
-        if swiglu is None:
-            return super().__call__(x)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+class KernelLlamaAttention(_KernelAttention, llama.Attention):
+    pass
+
+
+class KernelQwen2Attention(_KernelAttention, qwen2.Attention):
+    pass
+
+
+class KernelLlamaMLP(_KernelMLP, llama.MLP):
+    pass
+
+
+class KernelQwen2MLP(_KernelMLP, qwen2.MLP):
+    pass
 
 
 _REPLACEMENTS = {

@@ -12,8 +12,9 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -376,42 +377,7 @@ def serve(
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, metrics)."""
     try:
-        flags = ServeFlags(
-            model=model,
-            settings=resolve_early_exit(preset=speed_quality, threshold=early_exit_threshold),
-            host=host,
-            port=port,
-            api_key=None,
-            api_keys=_keys(api_key, api_keys_file),
-            admin_key=admin_key or None,
-            rate_limit=rate_limit,
-            max_streams_per_key=max_streams_per_key,
-            max_body_bytes=max_body_bytes,
-            max_prompt_tokens=max_prompt_tokens,
-            max_tokens_limit=max_tokens_limit,
-            max_messages=max_messages,
-            request_timeout=request_timeout,
-            log_format=log_format.lower(),
-            allow_aggressive_overrides=allow_aggressive_overrides,
-            policy_file=policy_file,
-            shadow_rate=shadow_rate,
-            auto_fallback=auto_fallback,
-            drift_window=drift_window,
-            drift_margin=drift_margin,
-            drift_budget=drift_budget,
-            max_concurrency=max_concurrency,
-            max_batch_size=max_batch_size,
-            max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-            max_kv_tokens=max_kv_tokens,
-            shutdown_timeout=shutdown_timeout,
-            default_max_tokens=default_max_tokens,
-            telemetry_headers=telemetry_headers,
-            dtype=dtype,
-            exit_policy=exit_policy,
-            log_level=log_level.lower(),
-            speculative=speculative,
-            num_speculative_tokens=num_speculative_tokens,
-        )
+        flags = serve_flags(locals())  # the parameters, by name (nothing else is defined yet)
         flags.check()
     except ConfigError as exc:
         fail(str(exc))
@@ -427,6 +393,48 @@ def serve(
         _run(flags, sock)
     finally:
         sock.close()
+
+
+def serve_flags(p: Mapping[str, Any]) -> ServeFlags:
+    """The settings of ``octomil serve`` from its parameters by name (the CLI's own, or those
+    its click command parses for a Ray Serve application)."""
+
+    return ServeFlags(
+        model=p["model"],
+        settings=resolve_early_exit(preset=p["speed_quality"], threshold=p["early_exit_threshold"]),
+        host=p["host"],
+        port=p["port"],
+        api_key=None,
+        api_keys=_keys(p["api_key"], p["api_keys_file"]),
+        admin_key=p["admin_key"] or None,
+        rate_limit=p["rate_limit"],
+        max_streams_per_key=p["max_streams_per_key"],
+        max_body_bytes=p["max_body_bytes"],
+        max_prompt_tokens=p["max_prompt_tokens"],
+        max_tokens_limit=p["max_tokens_limit"],
+        max_messages=p["max_messages"],
+        request_timeout=p["request_timeout"],
+        log_format=p["log_format"].lower(),
+        allow_aggressive_overrides=p["allow_aggressive_overrides"],
+        policy_file=p["policy_file"],
+        shadow_rate=p["shadow_rate"],
+        auto_fallback=p["auto_fallback"],
+        drift_window=p["drift_window"],
+        drift_margin=p["drift_margin"],
+        drift_budget=p["drift_budget"],
+        max_concurrency=p["max_concurrency"],
+        max_batch_size=p["max_batch_size"],
+        max_prefill_tokens_per_step=p["max_prefill_tokens_per_step"],
+        max_kv_tokens=p["max_kv_tokens"],
+        shutdown_timeout=p["shutdown_timeout"],
+        default_max_tokens=p["default_max_tokens"],
+        telemetry_headers=p["telemetry_headers"],
+        dtype=p["dtype"],
+        exit_policy=p["exit_policy"],
+        log_level=p["log_level"].lower(),
+        speculative=p["speculative"],
+        num_speculative_tokens=p["num_speculative_tokens"],
+    )
 
 
 def _keys(flags: list[str] | None, file: str | None) -> tuple[str, ...]:

@@ -10,14 +10,13 @@ command, so defaults, environment variables (``OCTOMIL_API_KEY``) and checks are
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import typer
 from ray import serve
 
-from octomil.config import ConfigError, resolve_early_exit
-from octomil.server.cli_serve import ServeFlags
+from octomil.config import ConfigError
+from octomil.server.cli_serve import serve_flags
 from octomil.server.ray_cli import RayFlags, plan
 from octomil.server.ray_deployment import build
 
@@ -36,13 +35,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             argv += [flag, str(value)]
     command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
     params = command.make_context("serve", argv).params
-    names = {f.name for f in fields(ServeFlags)} - {"settings"}
-    flags = ServeFlags(
-        settings=resolve_early_exit(
-            preset=params["speed_quality"], threshold=params["early_exit_threshold"]
-        ),
-        **{**{n: params[n] for n in names}, "api_key": params["api_key"] or None},
-    )
+    flags = serve_flags(params)
     ray_flags = RayFlags(*(params[n] for n in _RAY_ONLY))
     for checked in (flags, ray_flags):
         try:
