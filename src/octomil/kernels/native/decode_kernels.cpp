@@ -277,19 +277,34 @@ void require_row_contiguous(const std::vector<mx::array>& inputs) {
       throw std::runtime_error("[octomil_decode] inputs must be row-contiguous");
 }
 
-class SwiGLU : public mx::UnaryPrimitive {
+// What the one-output primitives below share: CPU only; the output allocated and every array
+// registered with the command encoder, which then runs the kernel.
+class CpuUnary : public mx::UnaryPrimitive {
  public:
-  explicit SwiGLU(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  using mx::UnaryPrimitive::UnaryPrimitive;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[octomil_decode] CPU only");
+  }
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+ protected:
+  mx::cpu::CommandEncoder& prepare(const std::vector<mx::array>& inputs, mx::array& out) {
     require_row_contiguous(inputs);
-    const auto& g = inputs[0];
-    const auto& u = inputs[1];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(g);
-    encoder.set_input_array(u);
+    for (const auto& a : inputs) encoder.set_input_array(a);
     encoder.set_output_array(out);
+    return encoder;
+  }
+};
+
+class SwiGLU : public CpuUnary {
+ public:
+  using CpuUnary::CpuUnary;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = prepare(inputs, out);
+    const auto& g = inputs[0];
+    const auto& u = inputs[1];
     const float* gp = g.data<float>();
     const float* up = u.data<float>();
     float* op = out.data<float>();
@@ -304,9 +319,6 @@ class SwiGLU : public mx::UnaryPrimitive {
           swiglu_row_scalar(gp + r * n, up + r * n, op + r * n, n);
       }
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[octomil_decode] CPU only");
   }
   const char* name() const override { return "OctomilSwiGLU"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
@@ -413,17 +425,13 @@ class DecodeAttention : public mx::Primitive {
 };
 
 // Softmax over the last axis of (..., T, S) scores where row t may see columns 0..offset+t.
-class CausalSoftmax : public mx::UnaryPrimitive {
+class CausalSoftmax : public CpuUnary {
  public:
-  CausalSoftmax(mx::Stream stream, int offset) : mx::UnaryPrimitive(stream), offset_(offset) {}
+  CausalSoftmax(mx::Stream stream, int offset) : CpuUnary(stream), offset_(offset) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    require_row_contiguous(inputs);
+    auto& encoder = prepare(inputs, out);
     const auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
     const float* xp = x.data<float>();
     float* op = out.data<float>();
     const int n = static_cast<int>(x.shape(-1)), rows_per_block = static_cast<int>(x.shape(-2));
@@ -438,9 +446,6 @@ class CausalSoftmax : public mx::UnaryPrimitive {
           causal_softmax_row_scalar(xp + r * n, op + r * n, n, valid);
       }
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[octomil_decode] CPU only");
   }
   const char* name() const override { return "OctomilCausalSoftmax"; }
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -461,17 +466,13 @@ mx::array causal_softmax(const mx::array& x, int offset) {
 }
 
 // Per row of logits: log-sum-exp (which = 0) or entropy in nats (which = 1).
-class RowStats : public mx::UnaryPrimitive {
+class RowStats : public CpuUnary {
  public:
-  RowStats(mx::Stream stream, int which) : mx::UnaryPrimitive(stream), which_(which) {}
+  RowStats(mx::Stream stream, int which) : CpuUnary(stream), which_(which) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    require_row_contiguous(inputs);
+    auto& encoder = prepare(inputs, out);
     const auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
     const float* xp = x.data<float>();
     float* op = out.data<float>();
     const int n = static_cast<int>(x.shape(-1));
@@ -487,9 +488,6 @@ class RowStats : public mx::UnaryPrimitive {
         op[r] = stats[which];
       }
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("[octomil_decode] CPU only");
   }
   const char* name() const override { return "OctomilRowStats"; }
   bool is_equivalent(const mx::Primitive& other) const override {
