@@ -183,3 +183,24 @@ def test_decode_steps_take_the_kernels_on_plain_families(family, byte_tokenizer,
         assert calls == {"attention": [], "swiglu": 0}
     else:
         assert 3 in calls["attention"] and calls["swiglu"] > 0
+
+
+def test_a_bfloat16_model_decodes_through_the_family_code(byte_tokenizer):
+    """Regression: the float32-only attention kernel was chosen for bfloat16 activations
+    (--dtype bfloat16) and failed the step."""
+    from tiny_models import make_tiny_model, tiny_engine
+
+    from octomil.engine.scheduler import Scheduler, SchedulerConfig
+    from octomil.engine.types import GenerationRequest, SamplingParams
+
+    model = make_tiny_model("llama")
+    model.set_dtype(mx.bfloat16)
+    engine = tiny_engine(model, byte_tokenizer)
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=2))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    gens = [engine.generate(GenerationRequest((1, 2, 3), params)) for _ in range(2)]
+    for gen in gens:
+        scheduler.submit(gen)
+    while not scheduler.idle:
+        scheduler.step()
+    assert [len(g.output_tokens) for g in gens] == [3, 3]

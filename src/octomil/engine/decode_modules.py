@@ -37,10 +37,12 @@ from octomil.models.rope_table import TableRoPE, rotate
 MAX_SEGMENT_ROWS = 32
 
 
-def eligible(attention: nn.Module, rows: int, cache: Any) -> bool:
-    """Whether a decode-step segment of ``rows`` rows with ``cache`` attends through the kernel."""
+def eligible(attention: nn.Module, rows: int, cache: Any, dtype: mx.Dtype) -> bool:
+    """Whether a decode-step segment of ``rows`` rows of ``dtype`` with ``cache`` attends through
+    the kernel (float32 only: --dtype bfloat16/float16 keep the family's code)."""
     return (
         rows <= MAX_SEGMENT_ROWS
+        and dtype == mx.float32
         and type(cache) is KVCache
         and isinstance(attention, PLAIN_ATTENTION)
         and isinstance(attention.rope, TableRoPE)

@@ -89,7 +89,9 @@ class _RaggedAttention(nn.Module):
         originals = {n: attn[n] for n in (*self._names, "o_proj")}
         projected = [originals[n](x) for n in self._names]
         segments = self._segments
-        grouped = [k for k, s in enumerate(segments) if eligible(attn, s.stop - s.start, s.cache)]
+        grouped = [
+            k for k, s in enumerate(segments) if eligible(attn, s.stop - s.start, s.cache, x.dtype)
+        ]
         rows = [segments[k].stop - segments[k].start for k in grouped]
         caches = [segments[k].cache for k in grouped]
         if len(grouped) == len(segments):  # every segment attends through the kernel
@@ -118,7 +120,7 @@ class _RaggedAttention(nn.Module):
                 attn[name] = stand_in
             attn["o_proj"] = _Identity()
             for seg in self._segments:
-                if eligible(attn, seg.stop - seg.start, seg.cache):
+                if eligible(attn, seg.stop - seg.start, seg.cache, x.dtype):
                     outputs.append(None)
                     continue
                 for stand_in in stand_ins.values():
@@ -159,7 +161,7 @@ def run_layer(
     attention = getattr(layer, "self_attn", None)
     if len(segments) == 1:
         seg = segments[0]
-        if not eligible(attention, seg.stop - seg.start, seg.cache):
+        if not eligible(attention, seg.stop - seg.start, seg.cache, h.dtype):
             return layer(h, seg.mask, seg.cache)
     names = _input_projections(attention)
     if names is None:
