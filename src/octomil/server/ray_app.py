@@ -16,9 +16,9 @@ import typer
 from ray import serve
 
 from octomil.config import ConfigError
-from octomil.server.cli_serve import serve_flags
 from octomil.server.ray_cli import RayFlags, plan
 from octomil.server.ray_deployment import build
+from octomil.server.serve_flags import serve_flags
 
 _RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "metrics_port")
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from octomil.cli_common import fail
 from octomil.config import ConfigError
-from octomil.server.cli_serve import ServeFlags, _bind, exposure_warning
+from octomil.server.cli_serve import _bind, exposure_warning
+from octomil.server.serve_flags import ServeFlags
 from octomil.server.serving import ServeOptions
 
 if TYPE_CHECKING:
