@@ -1,9 +1,9 @@
 """Few-row products on compact weights: do 2-16 rows still share one read of the weights?
 
-For 1, 2, 4, 8, 16 and 32 rows, one graph of the embedded model's 30 gate projections (1536 x 576 each,
-all layers, so the weights stream from memory as in decode) per format: float32 (Octomil's fp32 rows
-kernel behind the BLAS route), q8 and q4 (``octomil.quant``). Formats and row counts interleaved,
-best of ``--rounds``; ms per graph and the cost relative to one row of the same format.
+For 1, 2, 4, 8, 16 and 32 rows, one graph of the embedded model's 30 gate projections (1536 x 576
+each, all layers, so the weights stream from memory as in decode) per format: float32 (Octomil's
+fp32 rows kernel behind the BLAS route), q8 and q4 (``octomil.quant``). Formats and row counts
+interleaved, best of ``--rounds``; ms per graph and the cost relative to one row of the same format.
 
     .venv/bin/python benchmarks/compact_rows.py    # ~1 min: results/compact_rows.json
 """

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from octomil.config import SpeedQuality, resolve_early_exit
 from octomil.server import serving
 from octomil.server.errors import APIError
-from octomil.server.protocol import Bool, ErrorResponse, Float
+from octomil.server.protocol import Bool, Float
+from octomil.server.protocol_responses import ErrorResponse
 
 router = APIRouter()
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 503)}

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 from octomil.engine.types import GenerationRequest, TokenEvent, TokenLogprob
 from octomil.server import choices, serving, structured, telemetry, tools
 from octomil.server.errors import APIError
-from octomil.server.protocol import (
+from octomil.server.protocol import ChatCompletionRequest
+from octomil.server.protocol_responses import (
     AssistantMessage,
     ChatChoice,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatTokenLogprob,

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 from octomil.engine.types import GenerationRequest, TokenEvent
 from octomil.server import choices, serving, structured, telemetry
 from octomil.server.errors import APIError
-from octomil.server.protocol import (
+from octomil.server.protocol import CompletionRequest
+from octomil.server.protocol_responses import (
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     new_id,

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from octomil.server import serving
 from octomil.server.errors import APIError, error_response
 from octomil.server.metrics import CONTENT_TYPE
-from octomil.server.protocol import ErrorResponse, ModelCard, ModelList
+from octomil.server.protocol_responses import ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
 

@@ -8,7 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from octomil.engine.speculation import SpeculativeSettings, SpeculativeStats
-from octomil.server.protocol import SpeculativeOverride, SpeculativeUsage
+from octomil.server.protocol import SpeculativeOverride
+from octomil.server.protocol_responses import SpeculativeUsage
 
 
 def speculative_settings(

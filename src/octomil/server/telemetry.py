@@ -8,7 +8,7 @@ from typing import Any
 
 from octomil.config import EarlyExitSettings
 from octomil.engine.types import GenerationStats, TokenEvent
-from octomil.server.protocol import EarlyExitUsage, Usage
+from octomil.server.protocol_responses import EarlyExitUsage, Usage
 from octomil.server.speculative import speculative_usage
 
 HEADER_EXIT_TOKENS = "X-Octomil-Early-Exit-Tokens"
