@@ -54,7 +54,9 @@ def extension() -> ModuleType | None:
 def status() -> str:
     """One phrase for the startup line: which decode kernels are active, or why none are."""
     ext = extension()
-    return f"decode kernels ({ext.isa()})" if ext is not None else f"decode kernels {_reason}"
+    if ext is not None:
+        return f"decode kernels ({ext.isa()})"
+    return "decode kernels off (disabled)" if _off else f"decode kernels {_reason}"
 
 
 @contextmanager
