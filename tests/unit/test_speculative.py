@@ -207,3 +207,26 @@ def test_with_early_exit_identical_to_early_exit_without_speculation(tokenizer, 
     assert spec == plain
     assert plain_stats.early_exit_tokens > 0 and stats.speculative.accepted_tokens > 0
     assert plain != run(OFF, EarlyExitSettings())[0]  # the exits matter to the tokens
+
+
+def test_verification_rows_obey_the_never_exit_token_classes(tokenizer):
+    """Regression: a verification's rows exited on never-exit tokens (the class check saw
+    one-token steps only), so speculation changed the tokens of a request with token classes."""
+    from tiny_models import sharpen
+
+    from octomil.config import EarlyExitSettings
+    from octomil.engine.token_classes import NeverExit
+
+    settings = EarlyExitSettings(threshold=2.0, min_layers_fraction=0.25)
+    engine = tiny_engine(sharpen(make_tiny_model("llama"), 2.0, 2.0), tokenizer, settings)
+    params = SamplingParams(max_tokens=40)
+
+    def run(spec):
+        gen = engine.generate(GenerationRequest(REPEAT, params, settings, spec))
+        return [(e.token_id, e.layers_used) for e in gen]
+
+    exited = sorted({t for t, layers in run(OFF) if layers < engine.total_layers})
+    assert exited, "the model exits"
+    engine.set_never_exit(NeverExit(strings=tuple(tokenizer.decode([t]) for t in exited[:3])))
+    plain = run(OFF)
+    assert run(LOOKUP) == plain

@@ -321,6 +321,7 @@ def _exits(
             for row in rows:
                 by_policy.setdefault(g.policy, []).append((g, row))  # equal policies share
     decided = []
+    row_exits: list[tuple[_Group, int, ExitDecision]] = []  # (group, verification row, decision)
     for rows in by_policy.values():  # one head product per policy for all its rows
         policy = rows[0][0].policy
         assert policy is not None
@@ -335,35 +336,39 @@ def _exits(
         for (g, row), decision in zip(rows, decisions, strict=True):
             if g.rows > 1:
                 if decision.exit:
-                    g.row_exits[row - stops[id(g)] + g.rows] = decision
+                    row_exits.append((g, row - stops[id(g)] + g.rows, decision))
                 continue
             if decision.entropy is not None:
                 g.entropy = decision.entropy
             decided.append((g, decision))
-    leaving = _keep_class_tokens([(g, d) for g, d in decided if d.exit])
+    # A verification's rows obey the never-exit token classes as one-token steps do.
+    hits = _never_exit_hits([(g, d) for g, _, d in row_exits])
+    for (g, j, decision), hit in zip(row_exits, hits, strict=True):
+        if not hit:
+            g.row_exits[j] = decision
+    exits = [(g, d) for g, d in decided if d.exit]
+    leaving = [pair for pair, hit in zip(exits, _never_exit_hits(exits), strict=True) if not hit]
     if exit_rule == "batch" and len(leaving) < len(active):
         return []
     return leaving
 
 
-def _keep_class_tokens(
-    leaving: list[tuple[_Group, ExitDecision]],
-) -> list[tuple[_Group, ExitDecision]]:
-    """Drop the rows whose exit prediction is a never-exit token (``engine.token_classes``):
-    they continue to full depth. One gather and one sync for all masked rows."""
+def _never_exit_hits(pairs: list[tuple[_Group, ExitDecision]]) -> list[bool]:
+    """Per (group, exit decision): whether the token it would emit is a never-exit token
+    (``engine.token_classes``); such a row continues to full depth. One gather and one sync for
+    all rows whose policy has classes."""
     masked = [
-        (g, d) for g, d in leaving if g.policy is not None and g.policy.never_exit is not None
+        k
+        for k, (g, _) in enumerate(pairs)
+        if g.policy is not None and g.policy.never_exit is not None
     ]
+    hits = [False] * len(pairs)
     if not masked:
-        return leaving
-    logits = mx.concatenate([d.logits for _, d in masked], axis=0)  # type: ignore[misc]
-    predicted = mx.argmax(logits, axis=-1)
-    hits = [
-        bool(g.policy.never_exit[t].item())  # type: ignore[union-attr, index]
-        for (g, _), t in zip(masked, predicted.tolist(), strict=True)
-    ]
-    stay = {id(g) for (g, _), hit in zip(masked, hits, strict=True) if hit}
-    return [(g, d) for g, d in leaving if id(g) not in stay]
+        return hits
+    logits = mx.concatenate([pairs[k][1].logits for k in masked], axis=0)  # type: ignore[misc]
+    for k, token in zip(masked, mx.argmax(logits, axis=-1).tolist(), strict=True):
+        hits[k] = bool(pairs[k][0].policy.never_exit[token].item())  # type: ignore[union-attr, index]
+    return hits
 
 
 def _stack_masks(groups: list[_Group]) -> mx.array | None:
