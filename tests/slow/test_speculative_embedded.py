@@ -1,16 +1,19 @@
 """Speculative decoding on the real embedded model: greedy tokens identical to decoding without
 speculation, alone and batched with neighbours, with lookup and auto."""
 
-import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 
 from octomil.engine.engine import Engine
-from octomil.engine.scheduler import Scheduler, SchedulerConfig
 from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from speculation_check import batched_and_alone  # noqa: E402
 
 OFF = SpeculativeSettings("off")
 PROMPTS = [
@@ -47,16 +50,5 @@ def test_batched_with_neighbours_identical(engine):
         _request(engine, PROMPTS[2], OFF, 16),
         _request(engine, PROMPTS[1], SpeculativeSettings("auto", 6), 20),
     ]
-    alone = [
-        [e.token_id for e in engine.generate(dataclasses.replace(r, speculative=OFF))]
-        for r in requests
-    ]
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=3))
-    gens = [engine.generate(r) for r in requests]
-    for g in gens:
-        scheduler.submit(g)
-    got = {id(g): [] for g in gens}
-    while not scheduler.idle:
-        for g, e in scheduler.step().events:
-            got[id(g)].append(e.token_id)
-    assert [got[id(g)] for g in gens] == alone
+    batched, alone, gens = batched_and_alone(engine, requests, 3)
+    assert batched == alone

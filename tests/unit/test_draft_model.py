@@ -2,18 +2,21 @@
 to decoding without speculation, every draft accepted when the draft model is the target itself,
 and a draft model with another vocabulary refused with a clear error."""
 
-import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 from tiny_models import make_byte_tokenizer, make_tiny_model, tiny_engine
 
 from octomil.engine.draft_model import DraftModelError
 from octomil.engine.errors import EngineInputError
-from octomil.engine.scheduler import Scheduler, SchedulerConfig
 from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.types import GenerationRequest, SamplingParams
 
 PROMPT = tuple([5, 9, 11, 40, 50, 61, 7, 8] * 2)
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from speculation_check import batched_and_alone  # noqa: E402
+
 OFF = SpeculativeSettings("off")
 
 
@@ -54,19 +57,8 @@ def test_batched_with_neighbours(engine):
             PROMPT[4:], SamplingParams(max_tokens=18), None, SpeculativeSettings("model:same", 5)
         ),
     ]
-    alone = [
-        [e.token_id for e in engine.generate(dataclasses.replace(r, speculative=OFF))]
-        for r in requests
-    ]
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=3))
-    gens = [engine.generate(r) for r in requests]
-    for g in gens:
-        scheduler.submit(g)
-    got = {id(g): [] for g in gens}
-    while not scheduler.idle:
-        for g, e in scheduler.step().events:
-            got[id(g)].append(e.token_id)
-    assert [got[id(g)] for g in gens] == alone
+    batched, alone, gens = batched_and_alone(engine, requests, 3)
+    assert batched == alone
 
 
 def test_other_vocabulary_is_refused(engine):

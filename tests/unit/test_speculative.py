@@ -3,7 +3,8 @@ rows give the numbers of one-row decode steps, rejected drafts leave no trace in
 speculating request emits exactly the tokens it emits without speculation (greedy), alone and
 batched with neighbours, including EOS, stop strings and max_tokens inside an accepted draft."""
 
-import dataclasses
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -11,12 +12,14 @@ from tiny_models import SUPPORTED, UNSUPPORTED, make_byte_tokenizer, make_tiny_m
 
 from octomil.engine.layer_loop import FullDepthLoop, LayerLoop
 from octomil.engine.lookup import LookupDrafter
-from octomil.engine.scheduler import Scheduler, SchedulerConfig
 from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.types import GenerationRequest, SamplingParams
 from octomil.engine.verify import can_speculate, rollback
 
 LOOKUP = SpeculativeSettings("lookup", num_tokens=6)
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from speculation_check import batched_and_alone  # noqa: E402
+
 OFF = SpeculativeSettings("off")
 # A prompt that repeats itself: random tiny models copy it, so lookup drafts get accepted.
 REPEAT = tuple([5, 9, 11, 40, 50, 61, 7, 8] * 3)
@@ -150,19 +153,8 @@ def test_batched_with_neighbours_identical(engines):
         GenerationRequest(REPEAT[3:], SamplingParams(max_tokens=20, temperature=0.9, seed=3)),
         GenerationRequest(tuple(range(3, 12)) * 2, SamplingParams(max_tokens=28), None, LOOKUP),
     ]
-    alone = [
-        [e.token_id for e in engine.generate(dataclasses.replace(r, speculative=OFF))]
-        for r in requests
-    ]
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=4))
-    gens = [engine.generate(r) for r in requests]
-    for g in gens:
-        scheduler.submit(g)
-    got = {id(g): [] for g in gens}
-    while not scheduler.idle:
-        for g, e in scheduler.step().events:
-            got[id(g)].append(e.token_id)
-    assert [got[id(g)] for g in gens] == alone
+    batched, alone, gens = batched_and_alone(engine, requests, 4)
+    assert batched == alone
     assert gens[0].stats.speculative.accepted_tokens > 0
 
 
