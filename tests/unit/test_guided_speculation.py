@@ -6,6 +6,7 @@ greedy constrained request emits exactly the tokens it emits without speculation
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -75,6 +76,19 @@ def test_json_schema_greedy_identical_with_lookup(tokenizer, family):
     jsonschema.validate(json.loads(text), SCHEMA)
     assert stats.finish_reason == "stop" and stats.forced_tokens == plain_stats.forced_tokens > 0
     assert stats.speculative.drafts > 0 and stats.speculative.accepted_tokens > 0
+
+
+def test_sampled_constrained_requests_speculate_and_stay_valid(engine, tokenizer):
+    """Sampled: the acceptance rule works on the masked rows (drafts are always allowed)."""
+    params = SamplingParams(
+        max_tokens=80, temperature=0.8, seed=3, grammar=GrammarSpec("json_schema", SCHEMA)
+    )
+    for seed in range(3):
+        request = GenerationRequest(_prompt(tokenizer), replace(params, seed=seed), None, LOOKUP)
+        gen = engine.generate(request)
+        text = "".join(e.text for e in gen)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert gen.stats.finish_reason == "stop" and gen.stats.speculative.drafts > 0
 
 
 def test_with_early_exit_identical_to_early_exit_without_speculation(tokenizer):
