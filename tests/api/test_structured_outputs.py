@@ -197,3 +197,49 @@ def test_bad_grammars_are_400_naming_the_problem(server, body, param, fragment) 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and fragment in err["message"], err
+
+
+EXTRACT_PROMPT = (
+    "Extract the person as JSON with keys name, city and year. Text: Ada Lovelace was born in "
+    "London in 1815 and wrote the first program for Charles Babbage's engine."
+)
+EXTRACT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "city": {"type": "string", "maxLength": 30},
+        "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+    },
+    "required": ["name", "city", "year"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("preset", "stream"), [(False, False), (False, True), ("balanced", True), ("balanced", False)]
+)
+def test_json_schema_with_lookup_speculation_equals_without(client, preset, stream: bool) -> None:
+    """Drafts and verification rows are masked: the same JSON as without speculation, at full
+    depth and with exits, and speculation really ran (``usage.speculative``)."""
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": EXTRACT_SCHEMA, "strict": True},
+    }
+    runs = [
+        _ask(
+            client,
+            EXTRACT_PROMPT,
+            stream,
+            max_tokens=60,
+            temperature=0,
+            response_format=response_format,
+            extra_body={**_early_exit(preset), "speculative": speculative},
+        )
+        for speculative in (False, {"mode": "lookup"})
+    ]
+    (plain, plain_finish, plain_usage), (text, finish, usage) = runs
+    assert (text, finish) == (plain, plain_finish) and finish == "stop"
+    assert usage["completion_tokens"] == plain_usage["completion_tokens"]
+    jsonschema.validate(json.loads(text), EXTRACT_SCHEMA)
+    assert usage["speculative"]["drafts"] > 0 and usage["speculative"]["accepted_tokens"] > 0
+    assert plain_usage["speculative"] is None

@@ -138,9 +138,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def make_byte_tokenizer(vocab_size: int = VOCAB_SIZE):
+def make_byte_tokenizer(vocab_size: int = VOCAB_SIZE, specials: tuple[str, ...] = ()):
     """A byte-level tokenizer (id == byte value, no merges) with ``<|endoftext|>`` as id 256 and
-    reserved special tokens up to ``vocab_size``, as a transformers PreTrainedTokenizerFast."""
+    reserved special tokens up to ``vocab_size``, as a transformers PreTrainedTokenizerFast.
+    ``specials``: other names for the first special tokens (the first is the EOS), e.g. a chat
+    template family's markers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -148,9 +150,10 @@ def make_byte_tokenizer(vocab_size: int = VOCAB_SIZE):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>"] + [f"<|reserved_{i}|>" for i in range(vocab_size - 257)]
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    names = ["<|endoftext|>"] + [f"<|reserved_{i}|>" for i in range(vocab_size - 257)]
+    names[: len(specials)] = specials
+    tok.add_special_tokens(names)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=names[0])
     assert len(fast) == vocab_size and fast.eos_token_id == 256
     return fast
 
@@ -160,6 +163,7 @@ def tiny_engine(
     tokenizer,
     early_exit: EarlyExitSettings | None = None,
     exit_layers: tuple[int, ...] | None = None,
+    context_length: int = CONTEXT_LENGTH,
 ) -> Engine:
     """An Engine serving ``model`` as the loader would, minus files and layout measurement.
 
@@ -176,7 +180,7 @@ def tiny_engine(
         anatomy=anatomy_of(model),
         layout=LayoutChoice("native", {}, measured=False),
         native_layout="float32",
-        context_length=CONTEXT_LENGTH,
+        context_length=context_length,
         eos_token_ids=frozenset({int(tokenizer.eos_token_id)}),
         source="<memory>",
     )

@@ -133,9 +133,19 @@ class Constraint:
 
     def mask(self) -> mx.array:
         """(vocab,) bool: True where the grammar allows the token next."""
-        self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        flat = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return mx.array(flat.astype(np.bool_))
+        self.mask_bits(self._bits)
+        return bits_to_masks(self._bits[None], self.vocab_size)[0]
+
+    def mask_bits(self, out: np.ndarray) -> None:
+        """Write the allowed-token bitmask (one bit per token, little-endian int32 words) into
+        ``out``, a contiguous row of ``(vocab + 31) // 32`` int32."""
+        assert out.dtype == np.int32 and out.flags.c_contiguous and out.shape == self._bits.shape
+        self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+
+    def rollback(self, tokens: int) -> None:
+        """Forget the last ``tokens`` accepted tokens (drafts walked through for their masks)."""
+        if tokens > 0 and not self._matcher.rollback(tokens):
+            raise RuntimeError(f"the grammar could not roll back {tokens} tokens")
 
     def accept(self, token: int) -> bool:
         """Advance past ``token``; False when the grammar rejected it (the matcher is then in
@@ -154,6 +164,12 @@ class Constraint:
     @property
     def failed(self) -> bool:
         return bool(self._matcher.is_error())
+
+
+def bits_to_masks(bits: np.ndarray, vocab_size: int) -> mx.array:
+    """(R, words) int32 bitmasks -> (R, vocab) bool, in one unpacking."""
+    flat = np.unpackbits(bits.view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size]
+    return mx.array(flat.astype(np.bool_))
 
 
 def apply_mask(logits: mx.array, mask: mx.array) -> mx.array:

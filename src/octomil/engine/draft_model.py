@@ -12,12 +12,16 @@ refuses a draft model whose tokenizer maps any id to another string.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from octomil.engine.constraint import apply_mask
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop
 from octomil.engine.verify import can_speculate, rollback
+
+if TYPE_CHECKING:
+    from octomil.engine.guided_drafts import DraftGuide
 
 
 class DraftModelError(ValueError):
@@ -57,7 +61,9 @@ class DraftModelDrafter:
     def extend(self, tokens: list[int]) -> None:
         self._tokens.extend(tokens)
 
-    def draft(self, k: int) -> list[int]:
+    def draft(self, k: int, guide: DraftGuide | None = None) -> list[int]:
+        """Up to ``k`` greedy drafts; under a ``guide``, each the argmax over the tokens its
+        grammar allows after the drafts before it."""
         t, fed = self._tokens, self._fed
         keep = 0
         while keep < min(len(fed), len(t) - 1) and fed[keep] == t[keep]:
@@ -68,8 +74,14 @@ class DraftModelDrafter:
         fed[:] = t[:-1]
         token, out = t[-1], []
         for _ in range(k):
-            logits = self._loop.decode(token, None).logits
+            if guide is not None and not guide.open:
+                break
+            logits = self._loop.decode(token, None).logits[-1:]
             fed.append(token)
+            if guide is not None:
+                logits = apply_mask(logits, guide.mask())
             token = int(mx.argmax(logits[-1]).item())
+            if guide is not None and not guide.push(token):
+                break  # EOS: the target's own row decides whether to end
             out.append(token)
         return out

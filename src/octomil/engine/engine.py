@@ -28,6 +28,7 @@ from octomil.engine.prompt_tokens import PromptTokenizer
 from octomil.engine.speculation import SpeculativeSettings
 from octomil.engine.token_classes import never_exit_mask
 from octomil.engine.tool_calls import Function, fallback_messages, template_supports_tools
+from octomil.engine.tool_syntax import ToolSyntax, syntax_for_template
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.kernels import decode
 from octomil.models.loader import LoadedModel
@@ -207,6 +208,12 @@ class Engine:
     @functools.cached_property
     def _prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer(self.tokenizer)
+
+    @functools.cached_property
+    def tool_syntax(self) -> ToolSyntax:
+        """How this model writes tool calls: its chat template's family (``engine.tool_syntax``)."""
+        tokenizer = self.tokenizer
+        return syntax_for_template(getattr(tokenizer, "chat_template", None), tokenizer.get_vocab())
 
     @functools.cached_property
     def grammars(self) -> GrammarCompiler:

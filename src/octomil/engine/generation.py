@@ -22,6 +22,7 @@ import mlx.core as mx
 from octomil.engine.constraint import Constraint, apply_mask
 from octomil.engine.draft_model import DraftModelDrafter
 from octomil.engine.exit_policy import ExitPolicy, entropy_nats
+from octomil.engine.guided_drafts import DraftGuide
 from octomil.engine.layer_loop import PREFILL_STEP, FullDepthLoop, LayerLoop, StepResult
 from octomil.engine.layer_loop import prefill_chunks as _prefill_chunks
 from octomil.engine.sampling import Sampler, top_logprobs
@@ -79,7 +80,9 @@ class Generation:
         self._queued: deque[Selection] = deque()  # sampled, not yet emitted
         self.constraint = constraint
         self._forced: deque[int] = deque()  # the grammar's forced tokens, not yet emitted
-        self._mask: mx.array | None = None  # the allowed tokens of the step being decoded
+        # The allowed tokens of the step being decoded: (vocab,), or (rows, vocab) verifying.
+        self._mask: mx.array | None = None
+        self._forced_end = False  # the grammar forces tokens after this step's last draft
         self._history = list(prompt)
         self._created = time.perf_counter()
         self._first_token_at: float | None = None
@@ -166,25 +169,40 @@ class Generation:
         """The token to decode next, the exit policy of that step (the prompt's last token,
         which yields the first answer token, always runs at full depth) and the grammar's mask
         of allowed tokens (None when unconstrained). A speculating request returns its last
-        token followed by drafted tokens, verified at full depth; a constrained one does not
-        speculate (its masks would have to follow the drafts)."""
-        mask = None
-        if self.constraint is not None:
-            self._fast_forward()
-            mask = self._mask = self.constraint.mask()
+        token followed by drafted tokens, verified at full depth; a constrained one drafts
+        under its grammar and gets one mask per row (``octomil.engine.guided_drafts``)."""
         if self._queued:
+            mask = self._grammar_mask()
             return self._queued[-1].token, self.policy, mask
         last = self._history[-1]
         first = not self.stats.completion_tokens
         exits = self.policy is not None and bool(self.policy.exit_layers)
         # The first answer token is decided at full depth, its successors by the exit policy:
         # with exit checks, a verification starts from the second token so all its rows share one.
-        if self._spec is not None and mask is None and not (first and exits):
-            room = self.params.max_tokens - self.stats.completion_tokens - 1
-            self._drafts = self._spec.propose(min(room, MAX_DRAFT_TOKENS))
+        if self._spec is not None and not (first and exits):
+            room = min(self.params.max_tokens - self.stats.completion_tokens - 1, MAX_DRAFT_TOKENS)
+            if self.constraint is None:
+                self._drafts = self._spec.propose(room)
+                masks = None
+            else:
+                self._fast_forward()
+                guide = DraftGuide(self.constraint, self._eos)
+                self._spec.propose(room, guide)
+                self._drafts, masks = guide.finish()
+                self._mask, self._forced_end = masks, guide.forced_end
             if self._drafts:
-                return [last, *self._drafts], None if first else self.policy, None
-        return last, None if first else self.policy, mask
+                return [last, *self._drafts], None if first else self.policy, masks
+            if masks is not None:
+                return last, None if first else self.policy, masks[0]
+        return last, None if first else self.policy, self._grammar_mask()
+
+    def _grammar_mask(self) -> mx.array | None:
+        """The allowed tokens of this step (after fast-forwarding), None when unconstrained."""
+        if self.constraint is None:
+            return None
+        self._fast_forward()
+        self._mask = self.constraint.mask()
+        return self._mask
 
     def _fast_forward(self) -> None:
         """Feed emitted forced tokens (all but the newest, which is this step's input) into the
@@ -218,10 +236,13 @@ class Generation:
         drafts, self._drafts = self._drafts, []
         sampler = self._sampler
         history = self._history if sampler.needs_history else None
+        logits = step.logits
+        if self._mask is not None:  # each row's own mask; already applied by the layer loop
+            logits = apply_mask(logits, self._mask)
         targets, rows = [], []
         for j in range(len(drafts) + 1):
             seen = None if history is None else history + drafts[:j]
-            targets.append(sampler.target(step.logits[j : j + 1], seen))
+            targets.append(sampler.target(logits[j : j + 1], seen))
             rows.append(targets[-1][1])
         if targets[0][0] is None:  # greedy: the rows' argmax, one sync
             chosen = mx.argmax(mx.concatenate(rows, axis=0), axis=-1).tolist()
@@ -234,10 +255,16 @@ class Generation:
         rollback(self.loop, len(drafts) - m)
         if step.row_pending:  # exits decided inside the verification (``verify``)
             self.loop.virtual_pending = step.row_pending[m]  # type: ignore[union-attr]
+        if self._forced_end and m == len(drafts):
+            # The grammar forces what follows the drafts: plain decoding emits those tokens
+            # without the model (and flushes its pending rows), not the bonus row's choice.
+            tokens.pop()
+            self.loop.virtual_pending = 0  # type: ignore[union-attr]
+        self._forced_end = False
         self._spec.observe(len(drafts), m)
         selection = None
         for j, token in enumerate(tokens):
-            row = replace(step, logits=step.logits[j : j + 1], entropy=None)
+            row = replace(step, logits=logits[j : j + 1], entropy=None)
             selection = Selection(row, mx.array([token]), rows[j], None)
             self._queued.append(selection)
         assert selection is not None
@@ -294,6 +321,8 @@ class Generation:
     def _emit_forced(self, token: int) -> TokenEvent:
         """A token the grammar forces: no model pass (it reaches the cache by fast-forward)."""
         self._history.append(token)
+        if self._spec is not None:
+            self._spec.extend([token])
         self.stats.completion_tokens += 1
         self.stats.forced_tokens += 1
         self.stats.decode_time_s = time.perf_counter() - (self._first_token_at or self._created)

@@ -105,6 +105,7 @@ class LayerLoop:
 
     def flush(self) -> None:
         """Run every pending row to full depth, so the cache is complete for all fed tokens."""
+        self.virtual_pending = 0  # decoding without speculation holds none after a flush either
         while self.pending:
             first = min(r.start_layer for r in self.pending)
             rows: list[int] = []
@@ -126,7 +127,8 @@ class DecodeInput:
     at the last layer.
 
     ``token`` may be a list: the last token and drafted ones (``octomil.engine.verify``), fed as
-    consecutive rows at full depth, with logits for every row.
+    consecutive rows at full depth, with logits for every row; its mask may then be
+    (rows, vocab), one per row (``octomil.engine.guided_drafts``).
     """
 
     loop: LayerLoop
@@ -234,7 +236,7 @@ def decode_batch(
         pieces = [anatomy.logits(rows[a : a + cap]) for a in range(0, len(index), cap)]
         logits_all = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
     _shadow_compare(anatomy, h, active)
-    masks = _stack_masks([g for g, n in zip(active, wanted, strict=True) for _ in range(n)])
+    masks = _row_masks([(g, j) for g, n in zip(active, wanted, strict=True) for j in range(n)])
     if masks is not None:
         logits_all = mx.where(masks, logits_all, mx.array(-mx.inf, dtype=logits_all.dtype))
     measured = any(inputs[g.index].policy is not None for g in active)
@@ -322,17 +324,17 @@ def _exits(
                 by_policy.setdefault(g.policy, []).append((g, row))  # equal policies share
     decided = []
     row_exits: list[tuple[_Group, int, ExitDecision]] = []  # (group, verification row, decision)
+    stops = {id(g): seg.stop for g, seg in zip(active, segments, strict=True)}
     for rows in by_policy.values():  # one head product per policy for all its rows
         policy = rows[0][0].policy
         assert policy is not None
         last = [row for _, row in rows]
         hidden = h[:, last[0], :] if len(rows) == 1 else h[0, mx.array(last)]
-        masks = _stack_masks([g for g, _ in rows])
+        masks = _row_masks([(g, row - stops[id(g)] + g.rows) for g, row in rows])
         if masks is None:
             decisions = policy.decide_rows(anatomy, hidden, depth)
         else:  # the exit is decided on, and its token drawn from, the allowed tokens only
             decisions = policy.decide_rows(anatomy, hidden, depth, masks=masks)
-        stops = {id(g): seg.stop for g, seg in zip(active, segments, strict=True)}
         for (g, row), decision in zip(rows, decisions, strict=True):
             if g.rows > 1:
                 if decision.exit:
@@ -371,16 +373,22 @@ def _never_exit_hits(pairs: list[tuple[_Group, ExitDecision]]) -> list[bool]:
     return hits
 
 
-def _stack_masks(groups: list[_Group]) -> mx.array | None:
-    """The groups' allowed-token masks as (B, vocab) bool (all allowed where a group has none),
-    or None when no group is constrained."""
-    if all(g.mask is None for g in groups):
+def _row_masks(rows: list[tuple[_Group, int]]) -> mx.array | None:
+    """The allowed-token masks of (group, fed row) pairs as (B, vocab) bool (all allowed where a
+    group has none; a verification's (rows, vocab) mask gives each row its own), or None when no
+    group is constrained."""
+    if all(g.mask is None for g, _ in rows):
         return None
-    if len(groups) == 1:
-        return groups[0].mask[None]  # type: ignore[index]
-    like = next(g.mask for g in groups if g.mask is not None)
-    full = mx.ones(like.shape, dtype=mx.bool_)
-    return mx.stack([g.mask if g.mask is not None else full for g in groups])
+
+    def row_mask(g: _Group, j: int) -> mx.array:
+        assert g.mask is not None
+        return g.mask if g.mask.ndim == 1 else g.mask[j]
+
+    if len(rows) == 1:
+        return row_mask(*rows[0])[None]
+    like = next(g.mask for g, _ in rows if g.mask is not None)
+    full = mx.ones(like.shape[-1:], dtype=mx.bool_)
+    return mx.stack([full if g.mask is None else row_mask(g, j) for g, j in rows])
 
 
 def _as_input(token: int | mx.array | list[int]) -> mx.array:

@@ -8,6 +8,11 @@ occurrence and is updated as tokens arrive (O(n) per token), so drafting is O(1)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from octomil.engine.guided_drafts import DraftGuide
+
 NGRAM_SIZES = (3, 2, 1)
 
 
@@ -29,8 +34,13 @@ class LookupDrafter:
                     self._after[tuple(t[i - n : i])] = i
             t.append(token)
 
-    def draft(self, k: int) -> list[int]:
-        """Up to ``k`` tokens predicted to follow the tokens so far (may be empty)."""
+    def draft(self, k: int, guide: DraftGuide | None = None) -> list[int]:
+        """Up to ``k`` tokens predicted to follow the tokens so far (may be empty); under a
+        ``guide``, cut at the first token its grammar does not allow."""
+        drafts = self._lookup(k)
+        return drafts if guide is None else guide.take(drafts)
+
+    def _lookup(self, k: int) -> list[int]:
         t = self._tokens
         if k <= 0:
             return []

@@ -21,9 +21,12 @@ position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from octomil.engine.lookup import LookupDrafter
+
+if TYPE_CHECKING:
+    from octomil.engine.guided_drafts import DraftGuide
 
 MODES = ("off", "lookup", "auto")
 DEFAULT_NUM_TOKENS = 8
@@ -108,7 +111,7 @@ class SpeculativeStats:
 
 class Drafter(Protocol):
     def extend(self, tokens: list[int]) -> None: ...
-    def draft(self, k: int) -> list[int]: ...
+    def draft(self, k: int, guide: DraftGuide | None = None) -> list[int]: ...
 
 
 class Speculator:
@@ -127,15 +130,17 @@ class Speculator:
         """Tokens emitted (or, first, the prompt): the text drafts are looked up in."""
         self._drafter.extend(tokens)
 
-    def propose(self, room: int) -> list[int]:
-        """Drafts for the next step; ``room``: most tokens the step may add beyond its own."""
+    def propose(self, room: int, guide: DraftGuide | None = None) -> list[int]:
+        """Drafts for the next step; ``room``: most tokens the step may add beyond its own;
+        ``guide``: a constrained request's grammar, which the drafts must follow
+        (``octomil.engine.guided_drafts``)."""
         if not self.active:
             return []
         if self.settings.mode == "auto":
             self.k = self._best_k()
             if self.k == 0:
                 return []
-        return self._drafter.draft(min(self.k, room))
+        return self._drafter.draft(min(self.k, room), guide)
 
     def _best_k(self) -> int:
         """auto: the draft length with the best expected tokens per cost, 0 when none pays."""

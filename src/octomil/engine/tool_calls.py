@@ -1,6 +1,7 @@
 """Tool calling: how tools reach the prompt, the grammar of a call, and reading calls back.
 
-One wire format for calls, the one Qwen2.5's template (and Hermes-style prompts) teach::
+The Hermes wire format for calls, the one Qwen2.5's template (and Hermes-style prompts) teach, and
+the one the fallback writes (other template families' syntaxes: ``octomil.engine.tool_syntax``)::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}

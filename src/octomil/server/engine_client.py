@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from octomil.engine.generation import Generation
 from octomil.engine.scheduler import Scheduler, SchedulerConfig, StepOutput
+from octomil.engine.tool_syntax import ToolSyntax
 from octomil.engine.types import GenerationRequest, GenerationStats, TokenEvent
 
 logger = logging.getLogger("octomil.server")
@@ -40,6 +41,7 @@ class EngineLike(Protocol):
     context_length: int
     prefill_chunk: int
     max_prompt_chars: int
+    tool_syntax: ToolSyntax
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]: ...
 

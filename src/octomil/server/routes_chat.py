@@ -62,7 +62,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     grammar = structured.grammar_spec(
         body.response_format, body.guided_regex, body.guided_choice, body.guided_grammar
     )
-    tool_plan = tools.plan(body)
+    syntax = state.engine.tool_syntax
+    tool_plan = tools.plan(body, syntax)
     if tool_plan.grammar is not None:
         if grammar is not None:
             raise APIError(
@@ -107,7 +108,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        calls = [tools.ToolCallDeltas() for _ in range(n)] if tool_plan.reads_calls else None
+        calls = [tools.ToolCallDeltas(syntax) for _ in range(n)] if tool_plan.reads_calls else None
 
         def choice(event: TokenEvent) -> dict:
             index = getattr(event, "index", 0)
@@ -156,7 +157,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):  # 
     for i, done in enumerate(dones):
         content, tool_calls, finish = done.text, [], done.finish_reason
         if tool_plan.reads_calls:
-            content, tool_calls = tools.read_calls(done.text)
+            content, tool_calls = tools.read_calls(done.text, syntax)
             if tool_calls and finish == "stop":
                 finish = "tool_calls"
         any_calls = any_calls or bool(tool_calls)

@@ -3,21 +3,21 @@ the completion's text -> OpenAI ``tool_calls`` (whole, or as streamed deltas).
 
 ``tool_choice``: ``none`` (tools are shown, no call is made or read), ``auto`` (the default with
 tools: a call or a text answer), ``required`` (at least one call), or a named function (exactly
-one call to it). ``parallel_tool_calls=false`` allows one call. Calls are constrained to each
-function's parameter schema (:func:`octomil.engine.tool_calls.call_grammar`).
+one call to it). ``parallel_tool_calls=false`` allows one call. Calls are written in the syntax of
+the model's chat-template family and constrained to each function's parameter schema
+(:mod:`octomil.engine.tool_syntax`).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from octomil.engine.constraint import GrammarSpec
-from octomil.engine.tool_calls import CLOSE, OPEN, Function, call_grammar, parse_calls
+from octomil.engine.tool_calls import Function
 from octomil.engine.tool_calls import ToolCall as EngineToolCall
+from octomil.engine.tool_syntax import HERMES, ToolSyntax, json_value_end
 from octomil.server.errors import APIError
 from octomil.server.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
 
@@ -31,7 +31,7 @@ class ToolPlan:
     reads_calls: bool = False
 
 
-def plan(body: ChatCompletionRequest) -> ToolPlan:
+def plan(body: ChatCompletionRequest, syntax: ToolSyntax = HERMES) -> ToolPlan:
     functions = [
         Function(t.function.name, t.function.description, t.function.parameters or {})
         for t in body.tools or []
@@ -60,7 +60,7 @@ def plan(body: ChatCompletionRequest) -> ToolPlan:
                 code="invalid_value",
             )
         parallel = False
-    grammar = call_grammar(allowed, required=required, parallel=parallel)
+    grammar = syntax.grammar(allowed, required=required, parallel=parallel)
     return ToolPlan(functions, GrammarSpec("grammar", grammar, "tools"), reads_calls=True)
 
 
@@ -91,33 +91,25 @@ def engine_message(i: int, m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _wire(call: EngineToolCall) -> ToolCall:
+def _wire(call: EngineToolCall, syntax: ToolSyntax) -> ToolCall:
     arguments = json.dumps(call.arguments, ensure_ascii=False)
-    return ToolCall(
-        id=f"call_{uuid.uuid4().hex[:24]}",
-        function=FunctionCall(name=call.name, arguments=arguments),
-    )
+    return ToolCall(id=syntax.new_id(), function=FunctionCall(name=call.name, arguments=arguments))
 
 
-def read_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+def read_calls(text: str, syntax: ToolSyntax = HERMES) -> tuple[str | None, list[ToolCall]]:
     """(content, tool_calls) of a finished completion."""
-    content, calls = parse_calls(text)
-    return content, [_wire(c) for c in calls]
+    content, calls = syntax.parse(text)
+    return content, [_wire(c, syntax) for c in calls]
 
 
 class ToolCallDeltas:
     """Streaming: plain text passes through as content; once the answer is a call (it starts
-    with ``<``, which a text answer may not), each call is streamed as OpenAI's deltas: index, id,
-    type and name as soon as the name is written, then the arguments' JSON text as it comes.
+    with the syntax's call character, which a text answer may not), each call is streamed as
+    OpenAI's deltas: index, id, type and name as soon as the name is written, then the arguments'
+    JSON text as it comes, up to where that JSON value ends (``tool_syntax.json_value_end``)."""
 
-    The call grammar writes ``<tool_call>\n{"name": "NAME", "arguments": ARGS}\n</tool_call>``;
-    the end of ARGS is known only at the closing tag, so the characters that may be the outer
-    ``}`` and the tag are held back until then."""
-
-    _HEAD = re.compile(re.escape(OPEN) + r'\s*\{"name": "([^"]*)", "arguments": ')
-    _TAIL = "}\n" + CLOSE
-
-    def __init__(self) -> None:
+    def __init__(self, syntax: ToolSyntax = HERMES) -> None:
+        self.syntax = syntax
         self.text = ""
         self.calls = 0  # calls whose header was sent
         self._is_call: bool | None = None
@@ -128,35 +120,32 @@ class ToolCallDeltas:
     def delta(self, text: str) -> dict[str, Any]:
         self.text += text
         if self._is_call is None and self.text.strip():
-            self._is_call = self.text.lstrip().startswith("<")
+            self._is_call = self.text.lstrip().startswith(self.syntax.starts)
         if not self._is_call:
             return {"content": text} if text else {}
         deltas: list[dict[str, Any]] = []
         while True:
             if self._args_from is None:
-                head = self._HEAD.search(self.text, self._at)
+                head = self.syntax.head.search(self.text, self._at)
                 if head is None:
                     break
                 deltas.append(
                     {
                         "index": self.calls,
-                        "id": f"call_{uuid.uuid4().hex[:24]}",
+                        "id": self.syntax.new_id(),
                         "type": "function",
                         "function": {"name": head.group(1), "arguments": ""},
                     }
                 )
                 self.calls += 1
                 self._args_from, self._sent = head.end(), 0
-            args = self.text[self._args_from :]
-            end = args.find(self._TAIL)
-            done = end >= 0
-            ready = args[:end] if done else args[: max(len(args) - len(self._TAIL), 0)]
+            end = json_value_end(self.text, self._args_from)
+            ready = self.text[self._args_from : end]
             if len(ready) > self._sent:
                 piece = ready[self._sent :]
                 deltas.append({"index": self.calls - 1, "function": {"arguments": piece}})
                 self._sent = len(ready)
-            if not done:
+            if end is None:
                 break
-            self._at = self._args_from + end + len(self._TAIL)
-            self._args_from = None
+            self._at, self._args_from = end, None
         return {"tool_calls": deltas} if deltas else {}
