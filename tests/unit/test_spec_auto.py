@@ -2,6 +2,9 @@
 no draft is ever found, resumes where its shadow drafts come true, and switching either way
 mid-request leaves the tokens those of decoding without speculation."""
 
+import sys
+from pathlib import Path
+
 import pytest
 from tiny_models import make_byte_tokenizer, make_tiny_model, tiny_engine
 
@@ -9,6 +12,9 @@ from octomil.engine import spec_auto
 from octomil.engine.spec_auto import AUTO_BUDGET, REARM, SYNC_COST
 from octomil.engine.speculation import SpeculativeSettings, Speculator
 from octomil.engine.types import GenerationRequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from speculation_check import batched_and_alone  # noqa: E402
 
 AUTO = SpeculativeSettings("auto", num_tokens=6)
 
@@ -62,3 +68,21 @@ def test_identical_when_pausing_and_resuming_mid_request(engine, prompt, monkeyp
     policy = gen._spec._auto
     assert tokens == plain
     assert policy.pauses > 2 and policy.resumes > 1
+
+
+def test_batched_identical_when_pausing_and_resuming(engine, monkeypatch):
+    """Pausing and resuming requests beside a plain one and a sampled one: each request's tokens
+    equal its tokens alone without speculation."""
+    monkeypatch.setattr(spec_auto, "AUTO_BUDGET", -0.01)
+    params = SamplingParams(max_tokens=30)
+    requests = [
+        GenerationRequest(tuple(range(3, 40)), params, None, AUTO),
+        GenerationRequest(tuple(range(40, 60)), params, None, SpeculativeSettings("off")),
+        GenerationRequest((7, 8, 7, 9, 7, 8, 7, 10) * 2, params, None, AUTO),
+        GenerationRequest(
+            tuple(range(5, 20)), SamplingParams(max_tokens=25, temperature=0.9, seed=3)
+        ),
+    ]
+    batched, alone, gens = batched_and_alone(engine, requests, 4)
+    assert batched == alone
+    assert gens[0]._spec._auto.resumes > 0 and gens[2]._spec._auto.resumes > 0
