@@ -168,12 +168,15 @@ def test_auto_identical_including_after_it_stops_speculating(engines, prompt):
 
 
 def test_auto_stops_where_drafts_are_rejected():
-    from octomil.engine.speculation import AUTO_WARMUP, Speculator
+    from octomil.engine.spec_auto import AUTO_WARMUP
+    from octomil.engine.speculation import Speculator
 
     spec = Speculator(SpeculativeSettings("auto", 8), [1, 2, 3, 1, 2, 3])
-    for _ in range(AUTO_WARMUP):
-        assert spec.propose(8)
-        spec.observe(len(spec.propose(8)), 0)
+    for _ in range(AUTO_WARMUP):  # the budget may pause it before the warm-up's end
+        drafts = spec.propose(8)
+        if not drafts:
+            break
+        spec.observe(len(drafts), 0)  # the model's own token was another one
     assert not spec.active and spec.propose(8) == []
 
 

@@ -7,15 +7,10 @@ many were accepted and adapts K, capped by the request's ``num_tokens``.
 
 Modes: ``lookup`` (prompt lookup, ``octomil.engine.lookup``) and ``model:NAME`` adapt K as Hugging
 Face's assisted generation does: all accepted -> K + 2, otherwise K - 1 (at least 1). ``auto``
-drafts by lookup from matches of at least two tokens and picks K from a cost model: with a
-per-token acceptance a (the request's own, estimated as accepted / (accepted + rejections) with
-one pseudo-count each) a draft of k tokens yields (1 - a^(k+1)) / (1 - a) tokens for a
-verification costing 1 + ROW_COST * k single steps; K maximises the ratio, and no draft is made
-while the best ratio is below 1. After AUTO_WARMUP drafts a request whose best ratio is below 1
-stops speculating for good and decodes as without speculation (its steps run ahead again).
-``off``. Counters follow vLLM's
-speculative-decoding metrics: drafts, draft tokens, accepted tokens, accepted tokens per draft
-position.
+drafts by lookup from matches of at least two tokens, picks K from a cost model, pauses where
+speculation does not pay and resumes where the answer starts copying (``octomil.engine.spec_auto``).
+``off``. Counters follow vLLM's speculative-decoding metrics: drafts, draft tokens, accepted
+tokens, accepted tokens per draft position.
 """
 
 from __future__ import annotations
@@ -24,23 +19,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from octomil.engine.lookup import LookupDrafter
+from octomil.engine.spec_auto import AutoPolicy
 
 if TYPE_CHECKING:
     from octomil.engine.guided_drafts import DraftGuide
 
 MODES = ("off", "lookup", "auto")
 DEFAULT_NUM_TOKENS = 8
-# A verification of r rows costs about 1 + ROW_COST * (r - 1) single steps on the embedded model
-# (benchmarks/spec_bench.py, verification_cost_vs_one_row: 2 / 3 / 5 / 9 rows = 1.16 / 1.36 /
-# 1.62 / 2.59 steps on two busy cores).
-ROW_COST = 0.18
-AUTO_WARMUP = 4
-
-
-def expected_gain(acceptance: float, k: int, row_cost: float = ROW_COST) -> float:
-    """Tokens per single-step cost of verifying k drafts accepted each with ``acceptance``."""
-    tokens = float(k + 1) if acceptance >= 1.0 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
-    return tokens / (1.0 + row_cost * k)
 
 
 @dataclass(frozen=True)
@@ -122,13 +107,25 @@ class Speculator:
         self.stats = SpeculativeStats()
         auto = settings.mode == "auto"
         self.k = min(settings.num_tokens, 2 if auto else 4)
-        self.active = settings.enabled
+        self._auto = AutoPolicy(settings.num_tokens) if auto else None
         self._drafter = drafter or LookupDrafter(tokens, min_n=2 if auto else 1)
-        self._rejections = 0  # drafts not accepted in full (one rejected token each)
+
+    @property
+    def active(self) -> bool:
+        """Drafting now (``auto`` may pause and resume; see ``octomil.engine.spec_auto``)."""
+        return self.settings.enabled and not (self._auto is not None and self._auto.paused)
 
     def extend(self, tokens: list[int]) -> None:
         """Tokens emitted (or, first, the prompt): the text drafts are looked up in."""
-        self._drafter.extend(tokens)
+        auto = self._auto
+        if auto is None or not auto.paused:
+            self._drafter.extend(tokens)
+            return
+        for token in tokens:  # paused: shadow drafts, checked as the tokens arrive
+            auto.follow(token)
+            self._drafter.extend([token])
+            if auto.paused and not auto.shadow:
+                auto.shadow = self._drafter.draft(self.settings.num_tokens)
 
     def propose(self, room: int, guide: DraftGuide | None = None) -> list[int]:
         """Drafts for the next step; ``room``: most tokens the step may add beyond its own;
@@ -136,26 +133,16 @@ class Speculator:
         (``octomil.engine.guided_drafts``)."""
         if not self.active:
             return []
-        if self.settings.mode == "auto":
-            self.k = self._best_k()
+        if self._auto is not None:
+            self.k = self._auto.step_k()
             if self.k == 0:
                 return []
         return self._drafter.draft(min(self.k, room), guide)
 
-    def _best_k(self) -> int:
-        """auto: the draft length with the best expected tokens per cost, 0 when none pays."""
-        accepted = self.stats.accepted_tokens
-        a = (accepted + 1) / (accepted + self._rejections + 2)
-        gains = {k: expected_gain(a, k) for k in range(1, self.settings.num_tokens + 1)}
-        best = max(gains, key=gains.__getitem__)
-        return best if gains[best] > 1.0 else 0
-
     def observe(self, drafted: int, accepted: int) -> None:
         self.stats.record(drafted, accepted)
-        self._rejections += int(accepted < drafted)
-        if self.settings.mode == "auto":
-            if self.stats.drafts >= AUTO_WARMUP and self._best_k() == 0:
-                self.active = False
+        if self._auto is not None:
+            self._auto.observe(drafted, accepted)
             return
         self.k = (
             min(self.settings.num_tokens, self.k + 2) if accepted == drafted else max(1, self.k - 1)
