@@ -249,6 +249,10 @@ def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
         return {"layout": best, "timings_ms": timings}
 
     key = _decision_key(proj, compact=compact or "unavailable", batch_rows=BATCH_ROWS)
+    if compact:
+        from octomil.quant import kernel
+
+        key["qmm"] = kernel.version()  # a faster kernel re-measures
     decision, cached = layout_cache.decide("layout", key, measure)
     timings = {str(k): float(v) for k, v in dict(decision.get("timings_ms", {})).items()}
     layout = str(decision.get("layout"))

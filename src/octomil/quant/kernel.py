@@ -1,9 +1,9 @@
 """The qmm extension, loaded once: quantized products inside MLX graphs (see ``native/qkernel.c``).
 
 ``quantized_matmul(x, w, scales, biases, group_size, bits)`` computes ``x @ dequantize(w).T`` for
-MLX affine 4/8-bit weights (MLX's packing: ``w`` uint32 (n, k * bits / 32), fp32 scales and biases
-(n, k / group_size)) with fp32 activations, as a lazy MLX op. Up to ``max_rows()`` rows read the
-weights once for all rows; more rows dequantize blocks for sgemm.
+MLX affine 4/8-bit weights (MLX's packing: ``w`` uint32 (n, k * bits / 32), scales and biases
+(n, k / group_size), both fp32 or both fp16) with fp32 activations, as a lazy MLX op. Up to
+``max_rows()`` rows read the weights once for all rows; more rows dequantize blocks for sgemm.
 
 Without cmake/a C++ compiler/nanobind, or with ``OCTOMIL_NO_QMM=1``, ``available()`` is False with
 a one-line ``reason()`` and the loader keeps fp32 weights.
@@ -77,6 +77,11 @@ def quantized_matmul(
 def max_rows() -> int:
     """Products of up to this many rows take the few-row kernel."""
     return int(_required().max_rows)
+
+
+def version() -> int:
+    """The kernel's version: bumped when its speed changes, so timed layout decisions re-run."""
+    return int(getattr(_required(), "version", 1))
 
 
 def isa() -> str:
