@@ -119,14 +119,3 @@ def test_a_fresh_process_runs_every_product_on_the_kernel():
     here = str(Path(__file__).parent)
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     assert run_python(code, env={"PYTHONPATH": path}) == ["True 0", "True"]
-
-
-def test_auto_decision_is_keyed_by_the_kernel_version(tmp_path):
-    """Pins re-measuring after a kernel change: a cached auto decision names the kernel's version
-    (a decision timed on the old, slower kernel kept fp32 for good)."""
-    import json
-
-    choose_layout(_fp16_q4_checkpoint(), "auto")
-    decisions = json.loads((tmp_path / "layout-decisions.json").read_text())
-    keys = [json.loads(key.split(" ", 1)[1]) for key in decisions if key.startswith("layout ")]
-    assert [key.get("qmm") for key in keys] == [kernel.version()]

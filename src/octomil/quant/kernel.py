@@ -79,11 +79,6 @@ def max_rows() -> int:
     return int(_required().max_rows)
 
 
-def version() -> int:
-    """The kernel's version: bumped when its speed changes, so timed layout decisions re-run."""
-    return int(getattr(_required(), "version", 1))
-
-
 def isa() -> str:
     """The instruction set the kernel runs with on this CPU: avx512, avx2 or generic."""
     return str(_required().isa())

@@ -120,6 +120,4 @@ NB_MODULE(_octomil_qmm, m) {
   m.def("select_isa", [](const std::string& name) { return qmm_select_isa(name.c_str()) != 0; });
   m.def("calls", [](bool prefill) { return qmm_calls(prefill ? 1 : 0); }, nb::arg("prefill"));
   m.attr("max_rows") = static_cast<int>(QMM_MAX_ROWS);
-  // Bumped when the kernel's speed changes: cached layout decisions (--dtype auto) re-measure.
-  m.attr("version") = 2;
 }
