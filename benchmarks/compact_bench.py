@@ -28,7 +28,9 @@ import octomil  # noqa: F401  (first: OpenBLAS and the BLAS route load before ml
 import argparse
 import json
 import math
+import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -73,8 +75,8 @@ def read_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
 class LlamaCpp:
     """llama.cpp driven through ``llamacpp_runner.py`` (JSON lines)."""
 
-    def __init__(self, gguf: str, max_seconds: float) -> None:
-        python = ROOT / ".bench-env" / "bin" / "python"
+    def __init__(self, gguf: str, max_seconds: float, env: Path) -> None:
+        python = env / "bin" / "python"
         cmd = [str(python), str(HERE / "llamacpp_runner.py"), gguf, "--threads", "2"]
         cmd += ["--max-seconds", str(max_seconds)]
         self.proc = subprocess.Popen(
@@ -100,8 +102,8 @@ class LlamaCpp:
         self.proc.wait(timeout=30)
 
 
-def llamacpp_available() -> bool:
-    python = ROOT / ".bench-env" / "bin" / "python"
+def llamacpp_available(env: Path) -> bool:
+    python = env / "bin" / "python"
     if not python.exists():
         return False
     done = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True)
@@ -137,7 +139,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--bench-env", type=Path, default=ROOT / ".bench-env",
+                    help="virtualenv with llama-cpp-python (benchmarks/bench_env.py)")  # fmt: skip
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
 
     prompts = load_prompts(HERE / "prompts" / "engine_prompts.jsonl", quick=False)[: args.prompts]
     engines = {fmt: Engine.load(dtype=fmt, exit_policy="none") for fmt in FORMATS}
@@ -153,8 +158,8 @@ def main() -> None:
         for p in prompts
     ]
     llama = None
-    if not args.no_llamacpp and llamacpp_available():
-        llama = LlamaCpp(engines["float32"].loaded.source, max_seconds=20)
+    if not args.no_llamacpp and llamacpp_available(args.bench_env):
+        llama = LlamaCpp(engines["float32"].loaded.source, max_seconds=20, env=args.bench_env)
     configs = [*FORMATS, *([LLAMA] if llama else [])]
 
     def run(config: str, ids: list[int]) -> dict:
@@ -211,7 +216,12 @@ def main() -> None:
         "benchmark": "compact weights (issue 14)",
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": cpu_model(), "note": "shared with other engineers' tests: noisy"},
+        "machine": {
+            "cpu": cpu_model(),
+            "note": "shared with other engineers' tests: noisy",
+            "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]},
+        },
+        "command": "python benchmarks/compact_bench.py " + " ".join(sys.argv[1:]),
         "blas": blas.describe(),
         "kernel": kernel.describe(),
         "prompts": len(encoded),

@@ -47,30 +47,42 @@ def test_logits_match_mlx_quantized_modules_on_the_same_weights(fmt, family):
         assert mx.abs(got - want).max().item() <= 1e-4 * scale
 
 
-def test_q4_keeps_a_4bit_checkpoint_bit_for_bit_and_its_head_bits():
+def _fp16_q4_checkpoint() -> nn.Module:
+    """A 4-bit checkpoint with fp16 scales and biases, as mx.load makes of a GGUF's Q4_1."""
     model = make_tiny_model("llama")
     nn.quantize(model, group_size=32, bits=4)
+    model.set_dtype(mx.float16)
+    return model
+
+
+def test_q4_keeps_a_4bit_checkpoint_bit_for_bit_and_its_head_bits():
+    """Pins Q4_1's bytes under q4: codes, fp16 scales and fp16 biases unchanged (fp32 scales read
+    17% more bytes per token)."""
+    model = _fp16_q4_checkpoint()
     before = {k: v for k, v in model.parameters()["model"]["layers"][0]["mlp"]["up_proj"].items()}
     apply_layout(model, choose_layout(model, "q4"))
     up = model.model.layers[0].mlp.up_proj
     assert isinstance(up, CompactLinear) and up.bits == 4
     assert mx.array_equal(up.weight, before["weight"])
-    assert mx.array_equal(up.scales, before["scales"].astype(mx.float32))
+    for key in ("scales", "biases"):
+        assert up[key].dtype == mx.float16 and mx.array_equal(up[key], before[key])
     head = model.model.embed_tokens
     assert isinstance(head, CompactEmbedding) and head.bits == 4  # the checkpoint's own bits
 
 
+def _dense(p: nn.Module) -> mx.array:
+    f32 = (p.scales.astype(mx.float32), p.biases.astype(mx.float32))
+    return mx.dequantize(p.weight, *f32, group_size=p.group_size, bits=p.bits)
+
+
 def test_q8_holds_every_4bit_level():
-    """4-bit weights under q8: requantized per group of 32, every level kept up to fp32 rounding."""
-    model = make_tiny_model("llama")
-    nn.quantize(model, group_size=32, bits=4)
-    p = model.model.layers[0].mlp.up_proj
-    four = mx.dequantize(p.weight, p.scales, p.biases, group_size=32, bits=4)
+    """4-bit weights under q8: level 16 q at step s / 16, every weight kept bit for bit (fp16)."""
+    model = _fp16_q4_checkpoint()
+    four = _dense(model.model.layers[0].mlp.up_proj)
     convert_precision(model, "q8")
     q = model.model.layers[0].mlp.up_proj
-    assert q.bits == 8 and q.group_size == 32
-    eight = mx.dequantize(q.weight, q.scales, q.biases, group_size=32, bits=8)
-    assert mx.abs(eight - four).max().item() <= 1e-6 * mx.abs(four).max().item()
+    assert q.bits == 8 and q.group_size == 32 and q.scales.dtype == mx.float16
+    assert mx.array_equal(_dense(q), four)
 
 
 def test_a_float_model_gets_an_8bit_head_under_q4():

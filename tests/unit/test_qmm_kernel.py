@@ -30,10 +30,15 @@ def isa(request):
     assert kernel.select_isa(best)
 
 
-def _quantized(n: int, k: int, bits: int, group_size: int, seed: int):
+def _quantized(n: int, k: int, bits: int, group_size: int, seed: int, dtype=mx.float32):
+    """Codes, scales and biases (``dtype``: fp32, or fp16 as a GGUF's Q4_1/Q8_0 stores them) and
+    the float64 dequantized weights they stand for."""
     w = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-    dense = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    dense = mx.dequantize(
+        wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits
+    )
     return wq, scales, biases, np.array(dense, dtype=np.float64)
 
 
@@ -56,6 +61,15 @@ def test_every_row_count_matches_the_dequantized_product(isa, bits, n, k):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_fp16_scales_and_biases(isa, bits, n, k):
+    """Scales and biases kept in fp16 (the GGUF's Q4_1 bytes) are read as the same numbers."""
+    wq, scales, biases, dense = _quantized(n, k, bits, 32, seed=n + k, dtype=mx.float16)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 16, kernel.max_rows() + 1):
+        _check(rows, wq, scales, biases, dense, bits, 32, seed=rows)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group_size", [64, 128])
 def test_larger_groups(isa, bits, group_size):
     wq, scales, biases, dense = _quantized(300, 1536, bits, group_size, seed=group_size)
@@ -71,13 +85,18 @@ def test_head_shape(bits):
         _check(rows, wq, scales, biases, dense, bits, 32, seed=rows)
 
 
-def test_a_row_is_bitwise_the_same_alone_or_in_a_batch(isa):
-    """Pins the few-row kernel's fixed summation order: batching must not change a row's bits."""
-    wq, scales, biases, _ = _quantized(1536, 576, 4, 32, seed=3)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_row_is_bitwise_the_same_alone_or_in_a_batch(isa, bits):
+    """Pins the few-row kernel's fixed summation order: batching (any tile of rows and outputs)
+    must not change a row's bits."""
+    wq, scales, biases, _ = _quantized(1538, 576, bits, 32, seed=3, dtype=mx.float16)
     x = mx.random.normal((kernel.max_rows(), 576), key=mx.random.key(4))
-    batch = kernel.quantized_matmul(x, wq, scales, biases, 32, 4)
+    batch = kernel.quantized_matmul(x, wq, scales, biases, 32, bits)
+    for rows in (1, 2, 3, 5, 9):
+        part = kernel.quantized_matmul(x[:rows], wq, scales, biases, 32, bits)
+        assert mx.array_equal(part, batch[:rows])
     for r in (0, 1, 5, kernel.max_rows() - 1):
-        alone = kernel.quantized_matmul(x[r : r + 1], wq, scales, biases, 32, 4)
+        alone = kernel.quantized_matmul(x[r : r + 1], wq, scales, biases, 32, bits)
         assert mx.array_equal(alone[0], batch[r])
 
 
@@ -97,8 +116,12 @@ def test_bad_arguments_raise_value_errors():
         kernel.quantized_matmul(mx.zeros((1, 32)), wq, scales, biases, 32, 8)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         kernel.quantized_matmul(mx.zeros((1, 64)), wq, scales, biases, 32, 3)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="both float32 or float16"):
         kernel.quantized_matmul(mx.zeros((1, 64)), wq, scales.astype(mx.float16), biases, 32, 8)
+    with pytest.raises(ValueError, match="both float32 or float16"):
+        kernel.quantized_matmul(
+            mx.zeros((1, 64)), wq, scales.astype(mx.bfloat16), biases.astype(mx.bfloat16), 32, 8
+        )
 
 
 def test_a_fresh_process_takes_the_fast_paths():

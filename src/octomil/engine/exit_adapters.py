@@ -105,7 +105,8 @@ def head_matrix(anatomy: Anatomy) -> mx.array:
     model = anatomy.model
     layer = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
     if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        W = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        scales, biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
+        W = mx.dequantize(layer.weight, scales, biases, layer.group_size, layer.bits)  # fp32 math
     elif "weight_t" in layer:  # a layout stored as (D, vocab) for faster decode products
         W = layer["weight_t"].T
     elif "weight" in layer:

@@ -164,8 +164,14 @@ def measure_compact(model: nn.Module, fmt: str) -> dict[str, float]:
     from octomil.quant import kernel
 
     projs = [_largest_projection(layer) for layer in model.model.layers]
-    triples = [(p.weight, p.scales.astype(mx.float32), p.biases.astype(mx.float32)) for p in projs]
-    dense = [mx.dequantize(w, s, b, projs[0].group_size, projs[0].bits) for w, s, b in triples]
+    # The scales as served: fp16 as stored (a GGUF's), else fp32 (see quant.modules).
+    keep = mx.float16 if projs[0].scales.dtype == mx.float16 else mx.float32
+    triples = [(p.weight, p.scales.astype(keep), p.biases.astype(keep)) for p in projs]
+    f32 = mx.float32
+    dense = [
+        mx.dequantize(w, s.astype(f32), b.astype(f32), projs[0].group_size, projs[0].bits)
+        for w, s, b in triples
+    ]
     mx.eval(triples, dense)
     size, bits = projs[0].group_size, projs[0].bits
     fns = {}

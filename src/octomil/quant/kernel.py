@@ -1,9 +1,9 @@
 """The qmm extension, loaded once: quantized products inside MLX graphs (see ``native/qkernel.c``).
 
 ``quantized_matmul(x, w, scales, biases, group_size, bits)`` computes ``x @ dequantize(w).T`` for
-MLX affine 4/8-bit weights (MLX's packing: ``w`` uint32 (n, k * bits / 32), fp32 scales and biases
-(n, k / group_size)) with fp32 activations, as a lazy MLX op. Up to ``max_rows()`` rows read the
-weights once for all rows; more rows dequantize blocks for sgemm.
+MLX affine 4/8-bit weights (MLX's packing: ``w`` uint32 (n, k * bits / 32), scales and biases
+(n, k / group_size), both fp32 or both fp16) with fp32 activations, as a lazy MLX op. Up to
+``max_rows()`` rows read the weights once for all rows; more rows dequantize blocks for sgemm.
 
 Without cmake/a C++ compiler/nanobind, or with ``OCTOMIL_NO_QMM=1``, ``available()`` is False with
 a one-line ``reason()`` and the loader keeps fp32 weights.

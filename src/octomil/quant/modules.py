@@ -7,11 +7,12 @@ per group of 32 inputs), so saving, ``head_matrix`` and mlx-lm's forward pass ke
 the product changes: ``octomil.quant.kernel`` instead of MLX's scalar CPU ``quantized_matmul``.
 
 Weights already quantized at the target bits (the embedded GGUF's Q4_1 tensors under ``q4``) are
-kept as they are: served at their own precision. 4-bit weights under ``q8`` become level 17 q at
-step s / 17 in the same groups: every 4-bit weight is kept, up to fp32 rounding of the scale.
-Float weights are quantized with MLX's ``mx.quantize``. The head stays at 8 bits (or its
-checkpoint's own 4/8 bits): it decides every token and is a fifth of the weights.
-Scales and biases are fp32, as are activations.
+kept as they are, fp16 scales and biases included (Q4_1's own bytes, bit for bit): served at their
+own precision. 4-bit weights under ``q8`` become level 16 q at step s / 16 in the same groups
+(a power of two: exact in fp16 too, so every 4-bit weight is kept bit for bit; fp32 scales where
+fp16 would round). Float weights are quantized with MLX's ``mx.quantize`` (fp32 scales). The head
+stays at 8 bits (or its checkpoint's own 4/8 bits): it decides every token and is a fifth of the
+weights. Activations are fp32.
 """
 
 from __future__ import annotations
@@ -76,19 +77,19 @@ Triple = tuple[mx.array, mx.array, mx.array, int]  # codes, scales, biases, grou
 
 
 def _triple(module: nn.Module, bits: int) -> Triple:
-    """``module``'s weights as an MLX affine ``bits`` triple with fp32 scales and biases."""
+    """``module``'s weights as an MLX affine ``bits`` triple with fp16 (as stored) or fp32 scales
+    and biases."""
     quantized = isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     if quantized and module.mode == "affine" and module.group_size % 32 == 0:
-        scales, biases = module["scales"].astype(mx.float32), module["biases"].astype(mx.float32)
+        dtype = mx.float16 if module["scales"].dtype == mx.float16 else mx.float32
+        scales, biases = module["scales"].astype(dtype), module["biases"].astype(dtype)
         if module.bits == bits:
             return module["weight"], scales, biases, module.group_size
-        if module.bits == 4 and bits == 8:  # exact: level q at step s is level 17 q at step s / 17
-            return (
-                _repack(_unpack(module["weight"], 4) * 17, 8),
-                scales / 17,
-                biases,
-                module.group_size,
-            )
+        if module.bits == 4 and bits == 8:  # exact: level q at step s is level 16 q at step s / 16
+            step = scales / 16
+            if not mx.array_equal(step * 16, scales).item():  # fp16 underflow: keep it exact
+                step, biases = scales.astype(mx.float32) / 16, biases.astype(mx.float32)
+            return _repack(_unpack(module["weight"], 4) * 16, 8), step, biases, module.group_size
     if quantized:
         dense = mx.dequantize(
             module["weight"],
@@ -147,6 +148,8 @@ def compact_model(model: nn.Module, fmt: str, *, stock: bool = False) -> dict[st
             continue
         want = _head_bits(module) if is_head else bits
         codes, scales, biases, group = _triple(module, want)
+        if stock:  # mlx's own product takes fp32 activations with fp32 scales
+            scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
         if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
             new: nn.Module = CompactEmbedding(codes, scales, biases, group, want)
         else:
@@ -155,11 +158,12 @@ def compact_model(model: nn.Module, fmt: str, *, stock: bool = False) -> dict[st
             new.__class__ = new.__class__.__bases__[0]
         replacements.append((name, new))
         counts[f"{want}-bit"] = counts.get(f"{want}-bit", 0) + 1
+    # Norms and any other float parameters; before the swap, so fp16 scales stay fp16.
+    model.set_dtype(mx.float32)
     if replacements:
         from mlx.utils import tree_unflatten
 
         model.update_modules(tree_unflatten(replacements))
-    model.set_dtype(mx.float32)  # norms and any other float parameters; codes stay uint32
     for _, module in model.named_modules():
         if isinstance(module, (CompactLinear, CompactEmbedding)):
             for key in ("weight", "scales", "biases"):

@@ -2,14 +2,17 @@
  * Quantized products for the qmm extension: MLX affine 4- and 8-bit weights times fp32 rows.
  *
  * Decode reads every weight once per token, so bytes, not arithmetic, set the speed: 8-bit weights
- * are a quarter and 4-bit ones an eighth of fp32 (plus a scale and bias per group). MLX's own CPU
- * quantized matmul is scalar; here up to QMM_MAX_ROWS rows share one read of the weights (the
- * few-row kernel in qkernel_isa.h, split by outputs between this thread and the pool's worker).
+ * are a quarter and 4-bit ones an eighth of fp32 (plus a scale and bias per group of 32: fp16 as
+ * in the GGUF, or fp32). MLX's own CPU quantized matmul is scalar; here up to QMM_MAX_ROWS rows
+ * share one read of the weights (the few-row kernel in qkernel_isa.h, split by outputs between
+ * this thread and the pool's worker), with fp32 activations and arithmetic throughout.
+ * (Integer dot products on int16-rounded activations, as llama.cpp's quantized kernels do with
+ * int8, were measured too: no faster on AVX2 Zen 2 per row, and they round the activations.)
  * Bigger products (prefill) dequantize the weights in blocks into a small fp32 buffer and hand each
  * block to cblas_sgemm (the process's: OpenBLAS behind Octomil's route), so they run at fp32 GEMM
  * speed for the cost of one extra pass over a block that stays in cache.
  *
- * Compiled for AVX-512, AVX2+FMA and plain C, picked at run time from what the CPU reports.
+ * Compiled for AVX-512, AVX2+FMA+F16C and plain C, picked at run time from what the CPU reports.
  */
 
 #define _GNU_SOURCE
@@ -21,7 +24,9 @@
 #include "native.h"
 #include "qkernel.h"
 
-enum { QMM_CHUNK_COLS = 32, DEQUANT_BLOCK_FLOATS = 1 << 20 };
+/* Software prefetch distance: the weights of a tile's outputs are C streams that the hardware
+ * prefetcher picks up late at each new chunk (chunks alternate between two threads). */
+enum { QMM_CHUNK_COLS = 32, DEQUANT_BLOCK_FLOATS = 1 << 20, PREFETCH_BYTES = 512 };
 
 typedef struct {
   const qmm_job *job;
@@ -30,24 +35,47 @@ typedef struct {
   int groups;
 } qctx;
 
+static inline float half_to_float(uint16_t h) { /* IEEE binary16, subnormals included */
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+  union {
+    uint32_t u;
+    float f;
+  } v;
+  if (exp == 31) {
+    v.u = sign | 0x7f800000u | (man << 13);
+  } else if (exp) {
+    v.u = sign | ((exp + 112) << 23) | (man << 13);
+  } else {
+    v.f = (float)man * 0x1p-24f;
+    v.u |= sign;
+  }
+  return v.f;
+}
+
+static inline float scale_at(const void *p, size_t i, int half) {
+  return half ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* ---- plain C (any CPU) --------------------------------------------------------------------- */
 #define ISA generic
 #define TARGET
-#define TILE 8
+#define TR 4
+#define CFOR(R) ((R) == 1 ? 4 : (R) <= 4 ? 2 : 1)
 #define VF float
 #define VL 1
 #define V_ZERO() 0.0f
 #define V_SET1(s) (s)
 #define V_LOAD(p) (*(p))
 #define V_FMA(a, b, c) ((a) * (b) + (c))
-#define V_ADD(a, b) ((a) + (b))
 #define V_HSUM(v) (v)
 #define Q8_LOAD(p) ((float)*(p))
-#define Q4_BLOCK(p, q)                              \
-  for (int t = 0; t < 16; ++t) {                    \
-    (q)[t] = (float)((p)[t] & 15);                  \
-    (q)[16 + t] = (float)((p)[t] >> 4);             \
+#define Q4_BLOCK(p, q)                  \
+  for (int t = 0; t < 16; ++t) {        \
+    (q)[t] = (float)((p)[t] & 15);      \
+    (q)[16 + t] = (float)((p)[t] >> 4); \
   }
+#define SCALE(p, i, half) scale_at(p, i, half)
+#define PREFETCH(p) ((void)0)
 #include "qkernel_isa.h"
 
 #if defined(__x86_64__)
@@ -59,17 +87,22 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
-/* ---- AVX2 + FMA ---------------------------------------------------------------------------- */
+__attribute__((target("avx2,fma,f16c"))) static inline float scale_f16c(const void *p, size_t i,
+                                                                        int half) {
+  return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* ---- AVX2 + FMA + F16C --------------------------------------------------------------------- */
 #define ISA avx2
-#define TARGET __attribute__((target("avx2,fma")))
-#define TILE 3 /* 3 rows x 4 accumulators + operands fit 16 registers */
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define TR 8 /* R * C accumulators + scales, biases and a weight vector in 16 registers */
+#define CFOR(R) ((R) == 1 ? 4 : (R) <= 4 ? 2 : 1)
 #define VF __m256
 #define VL 8
 #define V_ZERO() _mm256_setzero_ps()
 #define V_SET1(s) _mm256_set1_ps(s)
 #define V_LOAD(p) _mm256_loadu_ps(p)
 #define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define V_ADD(a, b) _mm256_add_ps(a, b)
 #define V_HSUM(v) hsum256(v)
 #define Q8_LOAD(p) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define Q4_BLOCK(p, q)                                                              \
@@ -83,29 +116,33 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     (q)[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));                          \
     (q)[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));       \
   } while (0)
+#define SCALE(p, i, half) scale_f16c(p, i, half)
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #include "qkernel_isa.h"
 
 /* ---- AVX-512 ------------------------------------------------------------------------------- */
 #define ISA avx512
-#define TARGET __attribute__((target("avx512f,avx2,fma")))
-#define TILE 8 /* 8 rows x 2 accumulators of 32 registers */
+#define TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
+#define TR 8 /* 32 registers */
+#define CFOR(R) ((R) <= 4 ? 4 : 2)
 #define VF __m512
 #define VL 16
 #define V_ZERO() _mm512_setzero_ps()
 #define V_SET1(s) _mm512_set1_ps(s)
 #define V_LOAD(p) _mm512_loadu_ps(p)
 #define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define V_ADD(a, b) _mm512_add_ps(a, b)
 #define V_HSUM(v) _mm512_reduce_add_ps(v)
 #define Q8_LOAD(p) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define Q4_BLOCK(p, q)                                                 \
-  do {                                                                 \
-    const __m128i nib = _mm_set1_epi8(15);                             \
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(p));         \
-    (q)[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, nib))); \
-    (q)[1] = _mm512_cvtepi32_ps(                                       \
-        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), nib)));      \
+#define Q4_BLOCK(p, q)                                                                  \
+  do {                                                                                  \
+    const __m128i nib = _mm_set1_epi8(15);                                              \
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(p));                          \
+    (q)[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, nib)));         \
+    (q)[1] = _mm512_cvtepi32_ps(                                                        \
+        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), nib)));              \
   } while (0)
+#define SCALE(p, i, half) scale_f16c(p, i, half)
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #include "qkernel_isa.h"
 #endif
 
@@ -127,9 +164,11 @@ static _Atomic unsigned long long calls[2];
 static int supported(const qmm_kernel *kernel) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (kernel->rows_chunk == rows_chunk_avx512) return __builtin_cpu_supports("avx512f");
+  if (kernel->rows_chunk == rows_chunk_avx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
   if (kernel->rows_chunk == rows_chunk_avx2)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #endif
   return kernel->rows_chunk == rows_chunk_generic;
 }
@@ -158,71 +197,7 @@ int qmm_select_isa(const char *name) {
 
 unsigned long long qmm_calls(int prefill) { return atomic_load(&calls[prefill ? 1 : 0]); }
 
-/* ---- many rows: dequantize a block of outputs, then sgemm ------------------------------------ */
-typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
-                         int, float, float *, int);
-
-typedef struct {
-  const qctx *c;
-  int n0, nb;
-  float *buf; /* nb x k */
-} dequant_job;
-
-static void dequant_chunk(const void *arg, int chunk) {
-  const dequant_job *d = (const dequant_job *)arg;
-  const qmm_job *j = d->c->job;
-  const int o1 = (chunk + 1) * QMM_CHUNK_COLS < d->nb ? (chunk + 1) * QMM_CHUNK_COLS : d->nb;
-  for (int o = chunk * QMM_CHUNK_COLS; o < o1; ++o) {
-    const uint8_t *w = j->w + (size_t)(d->n0 + o) * d->c->row_bytes;
-    const float *s = j->scales + (size_t)(d->n0 + o) * d->c->groups;
-    const float *b = j->biases + (size_t)(d->n0 + o) * d->c->groups;
-    float *dst = d->buf + (size_t)o * j->k;
-    const int gs = j->group_size;
-    for (int g = 0; g < d->c->groups; ++g) { /* per group, so the compiler vectorizes the loops */
-      const float sg = s[g], bg = b[g];
-      float *out = dst + g * gs;
-      if (j->bits == 8) {
-        const uint8_t *q = w + g * gs;
-        for (int i = 0; i < gs; ++i) out[i] = (float)q[i] * sg + bg;
-      } else {
-        const uint8_t *q = w + g * gs / 2;
-        for (int i = 0; i < gs / 2; ++i) {
-          out[2 * i] = (float)(q[i] & 15) * sg + bg;
-          out[2 * i + 1] = (float)(q[i] >> 4) * sg + bg;
-        }
-      }
-    }
-  }
-}
-
-static sgemm_fn process_sgemm(void) {
-  static sgemm_fn found;
-  static int looked;
-  if (!looked) {
-    found = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
-    looked = 1;
-  }
-  return found;
-}
-
-static void run_rows(const qctx *c) { pool_run(best()->rows_chunk, c, (c->job->n + QMM_CHUNK_COLS - 1) / QMM_CHUNK_COLS); }
-
-static int run_prefill(const qctx *c, sgemm_fn sgemm) {
-  const qmm_job *j = c->job;
-  int block = DEQUANT_BLOCK_FLOATS / j->k;
-  block = block < QMM_CHUNK_COLS ? QMM_CHUNK_COLS : block / QMM_CHUNK_COLS * QMM_CHUNK_COLS;
-  if (block > j->n) block = j->n;
-  float *buf = (float *)malloc((size_t)block * j->k * sizeof(float));
-  if (!buf) return 0;
-  for (int n0 = 0; n0 < j->n; n0 += block) {
-    dequant_job d = {c, n0, j->n - n0 < block ? j->n - n0 : block, buf};
-    pool_run(dequant_chunk, &d, (d.nb + QMM_CHUNK_COLS - 1) / QMM_CHUNK_COLS);
-    sgemm(ROW_MAJOR, NO_TRANS, TRANS, j->rows, d.nb, j->k, 1.0f, j->x, j->k, buf, j->k, 0.0f,
-          j->out + n0, j->n);
-  }
-  free(buf);
-  return 1;
-}
+#include "qkernel_prefill.h"
 
 int qmm_run(const qmm_job *j) {
   if ((j->bits != 4 && j->bits != 8) || j->group_size <= 0 || j->group_size % 32 ||
@@ -248,7 +223,7 @@ int qmm_run(const qmm_job *j) {
         }
     c.x = permuted;
   }
-  run_rows(&c);
+  pool_run(best()->rows_chunk, &c, (j->n + QMM_CHUNK_COLS - 1) / QMM_CHUNK_COLS);
   free(permuted);
   return 1;
 }

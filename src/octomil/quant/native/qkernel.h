@@ -19,10 +19,11 @@ enum { QMM_MAX_ROWS = 32 };
 
 typedef struct {
   int rows, n, k, bits, group_size;
+  int half_scales;      /* scales and biases are IEEE fp16 (the GGUF's own), else fp32 */
   const float *x;       /* rows x k, row-contiguous */
   const uint8_t *w;     /* n x (k * bits / 8) bytes: MLX's packed uint32 words, little-endian */
-  const float *scales;  /* n x (k / group_size) */
-  const float *biases;  /* n x (k / group_size) */
+  const void *scales;   /* n x (k / group_size) */
+  const void *biases;   /* n x (k / group_size) */
   float *out;           /* rows x n */
 } qmm_job;
 

@@ -1,85 +1,110 @@
 /*
  * One instruction set's few-row kernel, included once per ISA by qkernel.c with these macros set:
- * ISA, TARGET, TILE (rows per pass over a weight row), VF, VL, V_ZERO, V_SET1, V_LOAD, V_FMA, V_ADD,
- * V_HSUM, Q8_LOAD(p) (VL bytes -> VL floats) and Q4_BLOCK(p, q) (16 bytes = one block of 32 4-bit
- * weights -> 32 / VL vectors in the order of the permuted x: the low nibbles, then the high ones).
+ * ISA, TARGET, TR (rows per tile), CFOR(R) (outputs per tile of R rows: 4, 2 or 1), VF/VL, V_ZERO,
+ * V_SET1, V_LOAD, V_FMA, V_HSUM, Q8_LOAD(p) (VL bytes -> VL floats), Q4_BLOCK(p, q) (16 bytes =
+ * one block of 32 4-bit weights -> 32 / VL vectors in the order of the permuted x: the low
+ * nibbles, then the high ones), SCALE(p, i, half) (one scale or bias as float) and PREFETCH(p).
  *
- * Each weight vector is dequantized (s * q + b, one fused multiply-add) and multiplied into every
- * row of a tile; the next tile finds the weight row in L1, so memory is read once for all rows.
- * Invariant: a row's sum runs in one fixed order (NV accumulators, one per vector of a block of 32,
- * added in order at the end) whatever the other rows, the tile or the thread, so a row's result is
- * bitwise the same alone or in a batch of up to QMM_MAX_ROWS.
+ * A tile is R rows x C outputs with one accumulator each. Per block of 32 inputs, each output's
+ * codes are dequantized in registers (s * q + b, one fused multiply-add per vector) and multiplied
+ * into each of the tile's rows, so one dequantization serves R rows (AVX2's 16 registers hold
+ * up to 8 rows x 1 output or 4 x 2; the old 4-accumulators-per-row kernel fit only 3 rows), and
+ * C outputs give one row enough independent sums to hide the multiply-add latency.
+ * Invariant: a row's sum for an output runs in one fixed order (the block's vectors in order into
+ * one accumulator, blocks in order, then its lanes) whatever R, C, the other rows or the thread,
+ * so a row's result is bitwise the same alone or in a batch of up to QMM_MAX_ROWS.
  */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, ISA)
-#define NV (32 / VL)               /* vectors per block of 32 weights */
+#define NV (32 / VL) /* vectors per block of 32 weights */
 #define UNROLL _Pragma("GCC unroll 32")
 
-TARGET static inline __attribute__((always_inline)) void FN(dot)(const qctx *c, int o, int r0,
-                                                                  const int R, const int bits) {
+TARGET static inline __attribute__((always_inline)) void FN(tile)(const qctx *c, int o0, int r0,
+                                                                   const int R, const int C,
+                                                                   const int bits) {
   const qmm_job *j = c->job;
-  const int k = j->k, gs = j->group_size;
-  VF acc[TILE][NV];
+  const int k = j->k, gs = j->group_size, half = j->half_scales;
+  VF acc[TR][4];
   UNROLL for (int r = 0; r < R; ++r) {
-    for (int a = 0; a < NV; ++a) acc[r][a] = V_ZERO();
+    UNROLL for (int o = 0; o < C; ++o) acc[r][o] = V_ZERO();
   }
-  const uint8_t *w = j->w + (size_t)o * c->row_bytes;
-  const float *s = j->scales + (size_t)o * c->groups;
-  const float *b = j->biases + (size_t)o * c->groups;
+  const uint8_t *w0 = j->w + (size_t)o0 * c->row_bytes;
   const float *x = c->x + (size_t)r0 * k;
   for (int g = 0; g < c->groups; ++g) {
-    const VF vs = V_SET1(s[g]), vb = V_SET1(b[g]);
+    VF vs[4], vb[4];
+    UNROLL for (int o = 0; o < C; ++o) {
+      const size_t at = (size_t)(o0 + o) * c->groups + g;
+      vs[o] = V_SET1(SCALE(j->scales, at, half));
+      vb[o] = V_SET1(SCALE(j->biases, at, half));
+    }
     for (int i = g * gs; i < (g + 1) * gs; i += 32) {
-      VF q[NV];
-      if (bits == 4) {
-        Q4_BLOCK(w + i / 2, q);
-      } else {
-        UNROLL for (int v = 0; v < NV; ++v) q[v] = Q8_LOAD(w + i + v * VL);
-      }
-      UNROLL for (int v = 0; v < NV; ++v) {
-        const VF wf = V_FMA(q[v], vs, vb);
-        UNROLL for (int r = 0; r < R; ++r) acc[r][v % NV] =
-            V_FMA(wf, V_LOAD(x + (size_t)r * k + i + v * VL), acc[r][v % NV]);
+      UNROLL for (int o = 0; o < C; ++o) {
+        const uint8_t *p = w0 + (size_t)o * c->row_bytes + (size_t)i * bits / 8;
+        PREFETCH(p + PREFETCH_BYTES);
+        VF q[NV];
+        if (bits == 4) {
+          Q4_BLOCK(p, q);
+        } else {
+          UNROLL for (int v = 0; v < NV; ++v) q[v] = Q8_LOAD(p + v * VL);
+        }
+        UNROLL for (int v = 0; v < NV; ++v) {
+          const VF wf = V_FMA(q[v], vs[o], vb[o]);
+          UNROLL for (int r = 0; r < R; ++r) acc[r][o] =
+              V_FMA(wf, V_LOAD(x + (size_t)r * k + i + v * VL), acc[r][o]);
+        }
       }
     }
   }
   UNROLL for (int r = 0; r < R; ++r) {
-    VF sum = acc[r][0];
-    for (int a = 1; a < NV; ++a) sum = V_ADD(sum, acc[r][a]);
-    j->out[(size_t)(r0 + r) * j->n + o] = V_HSUM(sum);
+    UNROLL for (int o = 0; o < C; ++o) j->out[(size_t)(r0 + r) * j->n + o0 + o] = V_HSUM(acc[r][o]);
   }
 }
 
-#define DOT_CASE(R, bits) \
-  case R:                 \
-    FN(dot)(c, o, r0, (R) <= TILE ? (R) : TILE, bits); /* cases past TILE never run */ \
+#define TILE_CASE(R, C, bits)                                        \
+  case R:                                                            \
+    if ((R) <= TR) FN(tile)(c, o, r0, (R) <= TR ? (R) : 1, C, bits); \
     break;
+#define TILE_SWITCH(C, bits)                                                                \
+  switch (R) {                                                                              \
+    TILE_CASE(1, C, bits) TILE_CASE(2, C, bits) TILE_CASE(3, C, bits) TILE_CASE(4, C, bits) \
+    TILE_CASE(5, C, bits) TILE_CASE(6, C, bits) TILE_CASE(7, C, bits) TILE_CASE(8, C, bits) \
+  }
+#define CHUNK_BODY(bits)                                                  \
+  do {                                                                    \
+    for (; o + CFOR(R) <= o_end; o += CFOR(R)) {                          \
+      if (CFOR(R) == 4) {                                                 \
+        TILE_SWITCH(4, bits)                                              \
+      } else if (CFOR(R) == 2) {                                          \
+        TILE_SWITCH(2, bits)                                              \
+      } else {                                                            \
+        TILE_SWITCH(1, bits)                                              \
+      }                                                                   \
+    }                                                                     \
+    for (; o < o_end; ++o) TILE_SWITCH(1, bits)                           \
+  } while (0)
 
+/* Outputs [chunk * QMM_CHUNK_COLS, ...): for each tile of rows, the chunk's outputs C at a time
+ * (the chunk's codes stay in cache for the next tile of rows). */
 TARGET static void FN(rows_chunk)(const void *arg, int chunk) {
   const qctx *c = (const qctx *)arg;
   const qmm_job *j = c->job;
-  const int o1 = chunk * QMM_CHUNK_COLS + QMM_CHUNK_COLS < j->n ? chunk * QMM_CHUNK_COLS + QMM_CHUNK_COLS : j->n;
-  for (int o = chunk * QMM_CHUNK_COLS; o < o1; ++o) {
-    for (int r0 = 0; r0 < j->rows; r0 += TILE) {
-      const int R = j->rows - r0 < TILE ? j->rows - r0 : TILE;
-      if (j->bits == 4) {
-        switch (R) {
-          DOT_CASE(1, 4) DOT_CASE(2, 4) DOT_CASE(3, 4) DOT_CASE(4, 4)
-          DOT_CASE(5, 4) DOT_CASE(6, 4) DOT_CASE(7, 4) DOT_CASE(8, 4)
-        }
-      } else {
-        switch (R) {
-          DOT_CASE(1, 8) DOT_CASE(2, 8) DOT_CASE(3, 8) DOT_CASE(4, 8)
-          DOT_CASE(5, 8) DOT_CASE(6, 8) DOT_CASE(7, 8) DOT_CASE(8, 8)
-        }
-      }
+  const int o_end = (chunk + 1) * QMM_CHUNK_COLS < j->n ? (chunk + 1) * QMM_CHUNK_COLS : j->n;
+  for (int r0 = 0; r0 < j->rows; r0 += TR) {
+    const int R = j->rows - r0 < TR ? j->rows - r0 : TR;
+    int o = chunk * QMM_CHUNK_COLS;
+    if (j->bits == 4) {
+      CHUNK_BODY(4);
+    } else {
+      CHUNK_BODY(8);
     }
   }
 }
 
-#undef DOT_CASE
+#undef CHUNK_BODY
+#undef TILE_SWITCH
+#undef TILE_CASE
 #undef UNROLL
 #undef NV
 #undef FN
@@ -87,14 +112,16 @@ TARGET static void FN(rows_chunk)(const void *arg, int chunk) {
 #undef CAT_
 #undef ISA
 #undef TARGET
-#undef TILE
+#undef TR
+#undef CFOR
 #undef VF
 #undef VL
 #undef V_ZERO
 #undef V_SET1
 #undef V_LOAD
 #undef V_FMA
-#undef V_ADD
 #undef V_HSUM
 #undef Q8_LOAD
 #undef Q4_BLOCK
+#undef SCALE
+#undef PREFETCH

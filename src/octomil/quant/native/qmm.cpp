@@ -50,8 +50,9 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
     job.group_size = group_size_;
     job.x = x.data<float>();
     job.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-    job.scales = scales.data<float>();
-    job.biases = biases.data<float>();
+    job.half_scales = scales.dtype() == mx::float16;
+    job.scales = scales.data<void>();
+    job.biases = biases.data<void>();
     job.out = out.data<float>();
     encoder.dispatch([job]() {
       if (!qmm_run(&job)) throw std::runtime_error("[octomil_qmm] unsupported product shape");
@@ -93,8 +94,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   mx::Shape groups{n, k / group_size};
   if (scales.shape() != groups || biases.shape() != groups)
     throw std::invalid_argument("[octomil_qmm] scales and biases must be (n, k / group_size)");
-  if (scales.dtype() != mx::float32 || biases.dtype() != mx::float32)
-    throw std::invalid_argument("[octomil_qmm] scales and biases must be float32");
+  if ((scales.dtype() != mx::float32 && scales.dtype() != mx::float16) ||
+      biases.dtype() != scales.dtype())
+    throw std::invalid_argument("[octomil_qmm] scales and biases must be both float32 or float16");
   auto out_shape = x.shape();
   out_shape.back() = n;
   auto rows = x.size() / k;
