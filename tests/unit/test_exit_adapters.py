@@ -274,6 +274,18 @@ def test_policy_directory_round_trip(tmp_path):
         assert mx.allclose(loaded.probes[d].w1, b.probes[d].w1, atol=1e-3)
 
 
+def test_a_policy_records_its_weights_format_and_older_ones_read_as_fp32(tmp_path):
+    b = bundle()
+    b.manifest = Manifest(**{**b.manifest.__dict__, "weights_format": "q8"})
+    b.save(tmp_path / "q8")
+    assert ExitPolicyBundle.load(tmp_path / "q8").manifest.weights_format == "q8"
+    bundle().save(tmp_path / "old")
+    data = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del data["weights_format"]  # written before formats were recorded
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(data))
+    assert ExitPolicyBundle.load(tmp_path / "old").manifest.weights_format == "float32"
+
+
 def test_policy_made_for_other_weights_is_refused(tmp_path):
     weights = tmp_path / "model.gguf"
     weights.write_bytes(b"not the weights the policy was made for")

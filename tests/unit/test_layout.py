@@ -80,6 +80,24 @@ def test_compact_must_also_win_on_a_batch(monkeypatch, tmp_path, batch_ms, expec
     assert choose_layout(quantized_model()).layout == expected
 
 
+@pytest.mark.skipif(not kernel.available(), reason="octomil's quantized kernel is not built")
+def test_compact_only_where_the_caller_calibrated_that_format(monkeypatch) -> None:
+    """Regression: with the tiled kernel auto picked q4 on a fresh machine, although the exit
+    policy (and its measured quality) was made at fp32: exits and answers changed."""
+    timed = fake_timings(
+        monkeypatch, {"q4": 1.0, "float32": 2.0, "native": 3.0, "q4 x8": 1.0, "float32 x8": 3.0}
+    )
+    asked: list[str] = []
+
+    def never(fmt: str) -> bool:
+        asked.append(fmt)
+        return False
+
+    assert choose_layout(quantized_model(), "auto", never).layout == "float32"
+    assert asked == ["q4"] and not any("q4" in name for names in timed for name in names)
+    assert choose_layout(quantized_model(), "auto", lambda fmt: fmt == "q4").layout == "q4"
+
+
 def test_storage_is_decided_once(monkeypatch) -> None:
     """(out, in) and (in, out) storage round differently in decode steps: the first timing on
     this machine decides for every later load."""

@@ -29,6 +29,7 @@ from octomil.calibrate.thresholds import Costs, Replay, best_placement, simulate
 from octomil.config import PRESETS, SpeedQuality
 from octomil.engine.exit_adapters import AdaptedExitPolicy, ExitPolicyBundle, LowRankHead
 from octomil.engine.policy_store import Manifest, PresetPlacement, weights_hash
+from octomil.models.layout import COMPACT
 from octomil.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -461,6 +462,7 @@ def _bundle(
         timings_ms=costs,
         heldout=heldout,
         calibration=calibration,
+        weights_format=loaded.layout.layout if loaded.layout.layout in COMPACT else "float32",
     )
     mx.eval([a.A for a in trained.values()], [a.b for a in trained.values()])
     return ExitPolicyBundle(manifest, dict(trained), dict(probes), None)

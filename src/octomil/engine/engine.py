@@ -31,6 +31,7 @@ from octomil.engine.tool_calls import Function, fallback_messages, template_supp
 from octomil.engine.tool_syntax import ToolSyntax, syntax_for_template
 from octomil.engine.types import EffectiveEarlyExit, GenerationRequest
 from octomil.kernels import decode
+from octomil.models.layout import COMPACT
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
 from octomil.policy_file import NeverExit
@@ -96,7 +97,16 @@ class Engine:
         """``exit_policy``: a policy directory, "lens" (raw shared head), "none", or None to use
         ``$OCTOMIL_EXIT_POLICY`` or the calibrated policy found for the model (user cache, then
         package). A policy made for other weights raises ``ExitPolicyError`` (a ValueError)."""
-        loaded = load_model(model, dtype)
+
+        def calibrated_at(name: str, source: str, layers: int, hidden: int, fmt: str) -> bool:
+            # Exits react to a format's rounding: auto serves q8/q4 only under a policy made there.
+            try:
+                found = resolve_exit_policy(name, source, layers, hidden, exit_policy).bundle
+            except ValueError:  # an unusable policy: reported by the resolution below
+                return False
+            return found is not None and found.manifest.weights_format == fmt
+
+        loaded = load_model(model, dtype, calibrated_at)
         choice = ExitPolicyChoice(None, False, "early exit not supported for this model family")
         if loaded.anatomy is not None:
             choice = resolve_exit_policy(
@@ -106,6 +116,17 @@ class Engine:
                 int(loaded.model.args.hidden_size),
                 exit_policy,
             )
+            served = loaded.layout.layout if loaded.layout.layout in COMPACT else "float32"
+            made_at = choice.bundle.manifest.weights_format if choice.bundle else served
+            if made_at != served:
+                log.warning(
+                    "[early-exit] the exit policy was calibrated at %s weights, these are served "
+                    "at %s: exits may differ from its measured quality; run `octomil calibrate` "
+                    "with --dtype %s",
+                    made_at,
+                    served,
+                    loaded.layout.layout,
+                )
             if choice.bundle is None and not choice.raw_head and early_exit.enabled:
                 log.warning("[early-exit] %s", choice.status)
             else:

@@ -97,6 +97,9 @@ class Manifest:
     timings_ms: dict[str, float] = field(default_factory=dict)
     heldout: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # The weight format the policy was calibrated at: exits react to the format's rounding, so
+    # ``--dtype auto`` serves a compact format only where a policy of that format exists.
+    weights_format: str = "float32"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +116,7 @@ class Manifest:
             "timings_ms": self.timings_ms,
             "heldout": self.heldout,
             "calibration": self.calibration,
+            "weights_format": self.weights_format,
             "created": self.created,
             "octomil_version": self.octomil_version,
         }
@@ -140,6 +144,7 @@ class Manifest:
             timings_ms={k: float(v) for k, v in d.get("timings_ms", {}).items()},
             heldout=dict(d.get("heldout", {})),
             calibration=dict(d.get("calibration", {})),
+            weights_format=str(d.get("weights_format", "float32")),  # older policies: fp32
         )
 
 

@@ -197,13 +197,14 @@ def _fastest(timings: dict[str, float]) -> str:
     return best
 
 
-def measure_layouts(model: nn.Module) -> dict[str, float]:
-    """Milliseconds of one token through a representative projection, per exact layout:
-    "native" (the checkpoint's own) and "float32"; empty when there is nothing to choose."""
+def measure_layouts(model: nn.Module, compact: str | None = None) -> dict[str, float]:
+    """Milliseconds of one token through a representative projection, per candidate layout:
+    "native" (the checkpoint's own) and "float32", or ``compact`` (q8/q4 on Octomil's kernel)
+    and "float32"; empty when there is nothing to choose."""
     proj = _largest_projection(model.model.layers[0])
     if proj is None:
         return {}
-    fmt = _compact_native(model)
+    fmt = compact
     if fmt:
         return measure_compact(model, fmt)
     if isinstance(proj, nn.QuantizedLinear):
@@ -235,11 +236,15 @@ def measure_storage(model: nn.Module) -> tuple[float, float] | None:
     return t["out_in"], t["in_out"]
 
 
-def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
+def choose_layout(
+    model: nn.Module, requested: str = "auto", compact_ok: Callable[[str], bool] | None = None
+) -> LayoutChoice:
     """Pick the layout; converting happens in :func:`apply_layout`.
 
     ``auto`` picks the faster exact layout, native or fp32, never one that rounds the weights;
-    the decision is measured once per machine and kept (see the module docstring)."""
+    a 4/8-bit checkpoint's own format on Octomil's kernel (q4/q8) is a candidate only where
+    ``compact_ok(format)`` says so (the caller's calibration covers that format; None: always).
+    The decision is measured once per machine and kept (see the module docstring)."""
     if requested not in LAYOUT_CHOICES:
         raise ValueError(f"--dtype must be one of {', '.join(LAYOUT_CHOICES)}, got {requested!r}")
     if requested != "auto":
@@ -248,13 +253,16 @@ def choose_layout(model: nn.Module, requested: str = "auto") -> LayoutChoice:
     if proj is None:
         return LayoutChoice("native", {}, measured=False)
     compact = _compact_native(model)
+    label = compact or "unavailable"
+    if compact and compact_ok is not None and not compact_ok(compact):
+        compact, label = None, "not calibrated"
 
     def measure() -> dict[str, object]:
-        timings = measure_layouts(model)
+        timings = measure_layouts(model, compact)
         best = _fastest(timings) if timings else "native"
         return {"layout": best, "timings_ms": timings}
 
-    key = _decision_key(proj, compact=compact or "unavailable", batch_rows=BATCH_ROWS)
+    key = _decision_key(proj, compact=label, batch_rows=BATCH_ROWS)
     decision, cached = layout_cache.decide("layout", key, measure)
     timings = {str(k): float(v) for k, v in dict(decision.get("timings_ms", {})).items()}
     layout = str(decision.get("layout"))

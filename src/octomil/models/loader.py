@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,17 @@ def _eos_ids(tokenizer: Any, config: dict) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Resolve ``name`` and load it; raises :class:`ModelNotAvailableError` with one clear line."""
+# (model name, source, layers, hidden size, compact format) -> may ``auto`` serve that format
+CompactCheck = Callable[[str, str, int, int, str], bool]
+
+
+def load(
+    name: str | None = None, dtype: str = "auto", compact_ok: CompactCheck | None = None
+) -> LoadedModel:
+    """Resolve ``name`` and load it; raises :class:`ModelNotAvailableError` with one clear line.
+
+    ``compact_ok`` decides whether ``--dtype auto`` may serve a 4/8-bit checkpoint at its own
+    format (see :func:`octomil.models.layout.choose_layout`); None: by measurement alone."""
     spec = registry.resolve(name)
     if spec.is_embedded:
         source = registry.embedded_file(spec)
@@ -104,7 +114,11 @@ def load(name: str | None = None, dtype: str = "auto") -> LoadedModel:
         ) from None
 
     native = native_description(model)
-    layout = apply_layout(model, choose_layout(model, dtype))
+    check = None
+    if compact_ok is not None:
+        layers, hidden = len(model.model.layers), int(model.args.hidden_size)
+        check = lambda fmt: compact_ok(spec.name, str(source), layers, hidden, fmt)  # noqa: E731
+    layout = apply_layout(model, choose_layout(model, dtype, check))
     install_fast_modules(model)
     log.info("[engine] %s weights: %s", spec.name, layout.describe(native))
     context = int(
