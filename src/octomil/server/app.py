@@ -18,7 +18,7 @@ from fastapi import FastAPI
 import octomil
 from octomil.config import EarlyExitSettings
 from octomil.engine.scheduler import StepOutput
-from octomil.server import routes_admin, routes_chat, routes_completions, routes_misc
+from octomil.server import exit_report, routes_admin, routes_chat, routes_completions, routes_misc
 from octomil.server.access import AccessMiddleware
 from octomil.server.drift import DriftAlarm, ShadowMetrics, default_budget
 from octomil.server.engine_client import EngineClient, EngineLike
@@ -51,12 +51,10 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         allow_aggressive=options.allow_aggressive_overrides,
         task_presets=dict(options.task_presets),
     )
-
-    def export(c: ExitControl) -> None:
-        metrics.set_enabled(c.enabled, c.reason)
-        metrics.threshold.set((c.default.threshold or 0.0) if c.enabled else 0.0)
-
-    control.listeners.append(export)
+    totals = EarlyExitTotals(engine.total_layers, settings, checks_placed=checks)
+    report = exit_report.reporter(engine, metrics, totals)
+    control.listeners.append(report)
+    report(control)
     drift = None
     if options.shadow_rate > 0:
         engine.shadow_rate = options.shadow_rate  # type: ignore[union-attr]
@@ -80,7 +78,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         engine=engine,
         client=client,
         metrics=metrics,
-        totals=EarlyExitTotals(engine.total_layers, settings, checks_placed=checks),
+        totals=totals,
         options=options,
         default_early_exit=settings,
         control=control,
