@@ -104,3 +104,21 @@ def test_timed_out_requests_end_the_openai_way_and_free_their_slots(
         time.sleep(0.1)
     assert (stats["requests_running"], stats["requests_waiting"]) == (0, 0)
     assert _finished(server.base_url, "timeout") == 3  # the SDK's request ran once
+
+
+def test_memory_gauges_are_exported(server: ServerProcess) -> None:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    values = {
+        line.split("{")[0].split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("process_resident_memory_bytes", "octomil_mlx_"))
+    }
+    assert sorted(values) == [
+        "octomil_mlx_active_memory_bytes",
+        "octomil_mlx_cache_memory_bytes",
+        "octomil_mlx_peak_memory_bytes",
+        "process_resident_memory_bytes",
+    ]
+    # The model's weights are MLX arrays, so active memory is never empty.
+    assert values["octomil_mlx_active_memory_bytes"] > 0
+    assert values["process_resident_memory_bytes"] > values["octomil_mlx_cache_memory_bytes"]

@@ -18,7 +18,14 @@ from fastapi import FastAPI
 import octomil
 from octomil.config import EarlyExitSettings
 from octomil.engine.scheduler import StepOutput
-from octomil.server import exit_report, routes_admin, routes_chat, routes_completions, routes_misc
+from octomil.server import (
+    exit_report,
+    memory_metrics,
+    routes_admin,
+    routes_chat,
+    routes_completions,
+    routes_misc,
+)
 from octomil.server.access import AccessMiddleware
 from octomil.server.drift import DriftAlarm, ShadowMetrics, default_budget
 from octomil.server.engine_client import EngineClient, EngineLike
@@ -40,6 +47,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
     checks = tuple(effective.exit_layers) if effective is not None else ()
     metrics = ServerMetrics(engine.model_id, engine.total_layers, settings, checks)
     metrics.batch.watch(client.step_age, client.scheduler_config.max_kv_tokens)
+    memory_metrics.watch(metrics.registry, engine.model_id)
 
     def on_step(out: StepOutput, c: EngineClient) -> None:
         metrics.set_queue(c.waiting, c.running)
