@@ -62,6 +62,7 @@ GAUGES = {
     "kv_tokens": "octomil_kv_cache_tokens{",
     "mlx_active_mb": "octomil_mlx_active_memory_bytes{",
     "mlx_cache_mb": "octomil_mlx_cache_memory_bytes{",
+    "mlx_peak_mb": "octomil_mlx_peak_memory_bytes{",  # RSS follows this high-water mark
 }
 FLAT_RISE = 0.01  # of the RSS at the start of the judged window
 
@@ -270,6 +271,7 @@ def main() -> None:
         "clients": args.clients,
         "note": "machine shared with other engineers' tests and benchmarks",
         "load_average_at_end": list(os.getloadavg()),
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX"),  # glibc's default when None
         "memory_flat": verdict,
         "requests_by_kind_and_status": dict(sorted(stats.items())),
         "requests_served_200": served,
