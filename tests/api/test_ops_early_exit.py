@@ -117,3 +117,57 @@ def test_task_classes_pick_their_preset(server: ServerProcess) -> None:
     code = _chat(server, task="code")["usage"]["early_exit"]  # quality: 75% of 30 layers
     assert code["min_layers_used"] >= 23
     assert _chat(server, task="poetry")["usage"]["early_exit"] == default  # unknown: default
+
+
+def _stats(server: ServerProcess) -> dict:
+    return httpx.get(f"{server.base_url}/v1/early-exit/stats", headers=AUTH, timeout=30).json()
+
+
+def _gauges(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    wanted = ("octomil_early_exit_", "octomil_early_exit_enabled{")
+    return {
+        line.rsplit(" ", 1)[0].replace(f'model="{MODEL}"', "").replace(",", ""): float(
+            line.rsplit(" ", 1)[1]
+        )
+        for line in text.splitlines()
+        if line.startswith(wanted) and not line.startswith("octomil_early_exit_tokens")
+    }
+
+
+def test_stats_and_gauges_follow_the_kill_switch(server: ServerProcess) -> None:
+    """Regression: /v1/early-exit/stats and the gauges kept the startup settings after a POST."""
+    keys = ("enabled", "reason", "preset", "threshold", "min_layers", "effective")
+    start = _stats(server)
+    assert [start[k] for k in keys] == [True, "configured", "balanced", 0.3, 15, True]
+    assert start["checks_after_layers"] == [15, 18, 22]
+    _admin(server, "POST", enabled=False)
+    assert [_stats(server)[k] for k in keys] == [False, "admin_off", None, None, 30, False]
+    assert _stats(server)["checks_after_layers"] == []
+    assert _gauges(server) == {
+        "octomil_early_exit_threshold{}": 0.0,
+        'octomil_early_exit_enabled{reason="admin_off"}': 0.0,
+        "octomil_early_exit_effective{}": 0.0,
+        "octomil_early_exit_checks_placed{}": 0.0,
+        "octomil_early_exit_min_layers{}": 30.0,
+    }
+    _admin(server, "POST", enabled=True, speed_quality="quality")
+    quality = _stats(server)
+    assert [quality[k] for k in keys] == [True, "admin_set", "quality", 0.1, 23, False]
+    assert quality["checks_after_layers"] == []  # no check pays this deep on the raw head
+    _admin(server, "POST", threshold=0.4, min_layers=0.6)
+    custom = _stats(server)
+    assert [custom[k] for k in keys] == [True, "admin_set", None, 0.4, 18, True]
+    assert custom["checks_after_layers"] == [18, 20, 22]
+    assert _gauges(server)["octomil_early_exit_threshold{}"] == 0.4
+    _admin(server, "POST", speed_quality="balanced")
+    back = _stats(server)
+    assert [back[k] for k in keys] == [start[k] for k in keys]
+    assert back["checks_after_layers"] == start["checks_after_layers"]
+    assert _gauges(server) == {
+        "octomil_early_exit_threshold{}": 0.3,
+        'octomil_early_exit_enabled{reason="configured"}': 1.0,
+        "octomil_early_exit_effective{}": 1.0,
+        "octomil_early_exit_checks_placed{}": 3.0,
+        "octomil_early_exit_min_layers{}": 15.0,
+    }

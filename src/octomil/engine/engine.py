@@ -154,7 +154,10 @@ class Engine:
     @property
     def effective_early_exit(self) -> EffectiveEarlyExit:
         """What the default settings do here: where checks are placed, or why none is."""
-        settings = self.default_early_exit
+        return self.effective(self.default_early_exit)
+
+    def effective(self, settings: EarlyExitSettings) -> EffectiveEarlyExit:
+        """What ``settings`` do here (a server's default changed at run time, say)."""
         policy = self.policy_for(settings) if settings.enabled else None
         layers = tuple(policy.exit_layers) if policy is not None else ()
         if not settings.enabled or layers:

@@ -18,7 +18,14 @@ from fastapi import FastAPI
 import octomil
 from octomil.config import EarlyExitSettings
 from octomil.engine.scheduler import StepOutput
-from octomil.server import routes_admin, routes_chat, routes_completions, routes_misc
+from octomil.server import (
+    exit_report,
+    memory_metrics,
+    routes_admin,
+    routes_chat,
+    routes_completions,
+    routes_misc,
+)
 from octomil.server.access import AccessMiddleware
 from octomil.server.drift import DriftAlarm, ShadowMetrics, default_budget
 from octomil.server.engine_client import EngineClient, EngineLike
@@ -40,6 +47,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
     checks = tuple(effective.exit_layers) if effective is not None else ()
     metrics = ServerMetrics(engine.model_id, engine.total_layers, settings, checks)
     metrics.batch.watch(client.step_age, client.scheduler_config.max_kv_tokens)
+    memory_metrics.watch(metrics.registry, engine.model_id)
 
     def on_step(out: StepOutput, c: EngineClient) -> None:
         metrics.set_queue(c.waiting, c.running)
@@ -51,12 +59,10 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         allow_aggressive=options.allow_aggressive_overrides,
         task_presets=dict(options.task_presets),
     )
-
-    def export(c: ExitControl) -> None:
-        metrics.set_enabled(c.enabled, c.reason)
-        metrics.threshold.set((c.default.threshold or 0.0) if c.enabled else 0.0)
-
-    control.listeners.append(export)
+    totals = EarlyExitTotals(engine.total_layers, settings, checks_placed=checks)
+    report = exit_report.reporter(engine, metrics, totals)
+    control.listeners.append(report)
+    report(control)
     drift = None
     if options.shadow_rate > 0:
         engine.shadow_rate = options.shadow_rate  # type: ignore[union-attr]
@@ -80,7 +86,7 @@ def build_state(engine: EngineLike, client: EngineClient, options: ServeOptions)
         engine=engine,
         client=client,
         metrics=metrics,
-        totals=EarlyExitTotals(engine.total_layers, settings, checks_placed=checks),
+        totals=totals,
         options=options,
         default_early_exit=settings,
         control=control,

@@ -11,6 +11,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from octomil.config import ConfigError
@@ -40,18 +41,35 @@ class Rate:
 
 
 class RateLimiter:
-    """One token bucket per key; thread-safe (called from the event loop only, but cheap)."""
+    """One token bucket per key; thread-safe (called from the event loop only, but cheap).
 
-    def __init__(self, rate: Rate) -> None:
+    Without API keys a key is a client address, so keys come and go: once a period, buckets
+    that have refilled to capacity are dropped (a full bucket is what a new key gets anyway),
+    which keeps the table to the keys seen within about one period.
+    """
+
+    def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
         self._lock = threading.Lock()
+        self._clock = clock
+        self._swept = clock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def acquire(self, key: str) -> float:
         """Take one request from ``key``'s bucket: 0.0 when allowed, else seconds to wait."""
         capacity, per_s = self.rate.count, self.rate.count / self.rate.period_s
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
+            if now - self._swept >= self.rate.period_s:
+                self._swept = now
+                self._buckets = {
+                    k: (t, last)
+                    for k, (t, last) in self._buckets.items()
+                    if t + (now - last) * per_s < capacity
+                }
             tokens, last = self._buckets.get(key, (float(capacity), now))
             tokens = min(capacity, tokens + (now - last) * per_s)
             if tokens >= 1.0:

@@ -169,10 +169,17 @@ class ServerMetrics:
         self.speculative = SpeculativeMetrics(r, model)
 
     def set_settings(
-        self, settings: EarlyExitSettings, total_layers: int, checks_placed: tuple[int, ...] = ()
+        self,
+        settings: EarlyExitSettings,
+        total_layers: int,
+        checks_placed: tuple[int, ...] = (),
+        reason: str | None = None,
     ) -> None:
+        """``reason`` None: the startup settings (configured or not_configured)."""
         self.threshold.set(settings.threshold or 0.0)
-        self.set_enabled(settings.enabled, "configured" if settings.enabled else "not_configured")
+        if reason is None:
+            reason = "configured" if settings.enabled else "not_configured"
+        self.set_enabled(settings.enabled, reason)
         self.min_layers.set(settings.min_layers(total_layers) if settings.enabled else total_layers)
         self.effective.set(1 if checks_placed else 0)
         self.checks_placed.set(len(checks_placed))

@@ -363,6 +363,9 @@ async def _until(
                 f"the request did not finish within {timeout:g} s (--request-timeout)",
                 code="request_timeout",
                 type="timeout_error",
+                # The openai SDKs retry a 5xx twice unless told not to: the same request would
+                # run into the same limit, and a timeout under load would add load.
+                headers={"x-should-retry": "false"},
             ) from None
         yield event
 

@@ -69,6 +69,7 @@ class EarlyExitTotals:
     layers_used_sum: int = 0
     exit_layers: Counter[int] = field(default_factory=Counter)
     checks_placed: tuple[int, ...] = ()  # where the default settings check; () = full depth
+    reason: str = "configured"  # why early exit is on or off (ExitControl.reason)
 
     def record_token(self, event: TokenEvent) -> None:
         self.tokens += 1
@@ -82,6 +83,7 @@ class EarlyExitTotals:
         return {
             "object": "early_exit.stats",
             "enabled": s.enabled,
+            "reason": self.reason,
             "effective": bool(self.checks_placed),
             "checks_after_layers": list(self.checks_placed),
             "threshold": s.threshold,
