@@ -153,7 +153,7 @@ def _compact_native(model: nn.Module) -> str | None:
 
 
 # A compact layout must not slow batched decoding down: it is timed at one row and at a batch
-# of this many rows (the serve default, --max-batch-size 8) and chosen only if it wins at both.
+# of this many rows (a typical decode batch) and chosen only if it wins at both.
 BATCH_ROWS = 8
 
 

@@ -16,9 +16,10 @@ from octomil.cli_speculative import check_speculative
 from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve_early_exit
 
 PRESET_NAMES = ", ".join(p.value for p in SpeedQuality)
-# Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, README "Concurrency").
-DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_PREFILL_CHUNK = 64
+# Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, serve_time_split.py; README
+# "Serving benchmark").
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_PREFILL_CHUNK = 32  # serve_time_split.py: 64 gave the same tok/s at 1.5x the p95 ITL
 
 
 @dataclass(frozen=True)
