@@ -2,6 +2,8 @@
 
 import json
 
+from tool_delta_assembly import assemble
+
 from octomil.engine.tool_calls import ToolCall, render_call
 from octomil.server.tools import ToolCallDeltas
 
@@ -13,22 +15,12 @@ def _stream(text: str, step: int) -> list[dict]:
     return deltas
 
 
-def _assemble(deltas: list[dict]) -> dict[int, dict]:
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        for c in d.get("tool_calls", []):
-            entry = calls.setdefault(c["index"], {"id": c.get("id"), "name": "", "arguments": ""})
-            entry["name"] += c["function"].get("name", "")
-            entry["arguments"] += c["function"].get("arguments", "")
-    return calls
-
-
 def test_calls_stream_name_first_then_arguments_at_any_chunking():
     calls = [ToolCall("get_weather", {"city": "Paris", "days": [1, 2]}), ToolCall("noop", {})]
     text = "\n".join(render_call(c) for c in calls)
     for step in (1, 3, 7, len(text)):
         deltas = _stream(text, step)
-        got = _assemble(deltas)
+        got = assemble(deltas)
         assert [got[i]["name"] for i in (0, 1)] == ["get_weather", "noop"]
         assert [json.loads(got[i]["arguments"]) for i in (0, 1)] == [c.arguments for c in calls]
         assert all(got[i]["id"].startswith("call_") for i in (0, 1))

@@ -10,6 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import tiny_models
+from tool_delta_assembly import assemble
 
 from octomil.engine.constraint import GrammarSpec
 from octomil.engine.tool_calls import Function
@@ -93,7 +94,7 @@ def test_calls_follow_the_family_syntax_and_read_back(engines, family):
             assert text.startswith("<tool_call>\n")
         streamed = ToolCallDeltas(syntax)
         deltas = [streamed.delta(p) for p in pieces]
-        got = _assemble(deltas)
+        got = assemble(deltas)
         assert [(g["name"], json.loads(g["arguments"])) for g in got.values()] == [
             (c.function.name, json.loads(c.function.arguments)) for c in calls
         ]
@@ -157,7 +158,7 @@ def test_mistral_parallel_calls_and_llama3_single_call():
         ("b", {}),
     ]
     streamed = ToolCallDeltas(MISTRAL)
-    got = _assemble([streamed.delta(two[k : k + 2]) for k in range(0, len(two), 2)])
+    got = assemble([streamed.delta(two[k : k + 2]) for k in range(0, len(two), 2)])
     assert [json.loads(g["arguments"]) for g in got.values()] == [{"x": [1, {"y": "}]"}]}, {}]
     grammar = LLAMA3.grammar(FUNCTIONS, required=True, parallel=True)
     assert "calls: body\n" in grammar  # one call even when parallel calls are allowed
@@ -169,13 +170,3 @@ def test_json_value_end_finds_where_arguments_end():
     assert json_value_end(text, 0) == text.index(", rest")
     assert json_value_end('{"a": [1', 0) is None
     assert json_value_end("12, x", 0) == 2
-
-
-def _assemble(deltas: list[dict]) -> dict[int, dict]:
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        for c in d.get("tool_calls", []):
-            entry = calls.setdefault(c["index"], {"id": c.get("id"), "name": "", "arguments": ""})
-            entry["name"] += c["function"].get("name", "")
-            entry["arguments"] += c["function"].get("arguments", "")
-    return calls
