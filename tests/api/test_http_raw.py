@@ -25,8 +25,13 @@ def _metrics(base_url: str) -> dict[str, float]:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     out = {}
-    for family in text_string_to_metric_families(r.text):
+    families = list(text_string_to_metric_families(r.text))
+    # prometheus_client's standard process collector (RSS, CPU, fds) keeps its own names.
+    assert "process_resident_memory_bytes" in {s.name for f in families for s in f.samples}
+    for family in families:
         for s in family.samples:
+            if s.name.startswith("process_"):
+                continue
             assert s.name.startswith("octomil_")
             assert s.labels.get("model") == MODEL
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model")
