@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -348,13 +349,7 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
         try:
             fail(str(exc) or type(exc).__name__)
         except typer.Exit as done:
-            # MLX was used on the worker thread that has now ended: its per-thread stream
-            # outlives it, and destroying that at interpreter exit aborts the process
-            # ("terminate called without an active exception", status 134). Nothing is left
-            # to clean up here, so leave without running those destructors.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(done.exit_code)
+            _leave(done.exit_code)
     print(f"[engine] Selected: {engine.selection}", flush=True)
     print(f"[early-exit] {engine.effective_early_exit.describe()}", flush=True)
     if engine.default_speculative.enabled:
@@ -397,6 +392,21 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
         timeout_graceful_shutdown=10,
     )
     DrainingServer(config, client, flags.shutdown_timeout).run(sockets=[sock])
+    _leave(0)  # drained: requests finished or ended, the engine thread stopped
+
+
+def _leave(code: int) -> None:
+    """Exit with ``code`` without running MLX's destructors.
+
+    MLX was used on the engine's worker thread, which has ended: its per-thread stream outlives
+    it, and destroying that at interpreter exit can abort the process ("terminate called without
+    an active exception": status 134 after a failed load, -6 once after a drained SIGTERM in a
+    20-minute soak). Nothing is left to clean up by then, so flush the logs and leave.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def models() -> None:
