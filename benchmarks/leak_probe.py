@@ -19,7 +19,6 @@ import os
 import random
 import sys
 import threading
-import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ import mlx.core as mx
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from soak import free_port, one, rss_bytes  # noqa: E402
+from soak import free_port, one, rss_bytes, wait_healthy  # noqa: E402
 
 from octomil.config import resolve_early_exit  # noqa: E402
 from octomil.engine.engine import Engine  # noqa: E402
@@ -99,13 +98,8 @@ def main() -> None:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
+    if not wait_healthy(base):
+        raise SystemExit(f"the server at {base} did not become healthy")
     tallies = [drive(base, args.warmup, args.clients, 0)]
     snaps = [snapshot(args.tracemalloc)]
     for k in (1, 2):

@@ -45,6 +45,18 @@ BAD = [
 ]
 
 
+def wait_healthy(base: str, tries: int = 720) -> bool:
+    """Poll ``/health`` every 0.25 s (at most ``tries`` times); whether it answered 200."""
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,13 +224,7 @@ def main() -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        for _ in range(720):
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+        wait_healthy(base)
         stats: Counter = Counter()
         errors: Counter = Counter()
         stop = time.monotonic() + args.duration
