@@ -35,6 +35,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         (("serve", "--exit-policy", "/no/such/policy"), "--exit-policy"),
         (("serve", "--max-running", "0"), "--max-running"),
         (("serve", "--port", "abc"), "--port"),
+        (("serve", "--heap-trim-interval", "-1"), "--heap-trim-interval"),
         (("serve", "--no-such-flag"), "no such option"),
         # Regression: generate printed click's boxed error where serve printed one line.
         (("generate", "hi", "--temperature", "5"), "--temperature"),

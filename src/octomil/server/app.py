@@ -31,6 +31,7 @@ from octomil.server.drift import DriftAlarm, ShadowMetrics, default_budget
 from octomil.server.engine_client import EngineClient, EngineLike
 from octomil.server.errors import install_error_handlers
 from octomil.server.exit_control import ExitControl
+from octomil.server.heap_trim import HeapTrimmer
 from octomil.server.limits import InFlight, RateLimiter
 from octomil.server.metrics import ServerMetrics
 from octomil.server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -126,10 +127,12 @@ def create_app(
             app.state.serving = build_state(engine, client, options)
 
         task = asyncio.create_task(activate())
+        trimmer = asyncio.create_task(HeapTrimmer(options.heap_trim_interval).run())
         try:
             yield
         finally:
             task.cancel()
+            trimmer.cancel()
             app.state.serving = None
             client.close()
 

@@ -22,6 +22,7 @@ from octomil.cli_common import (
 )
 from octomil.cli_speculative import speculative_settings
 from octomil.config import ConfigError
+from octomil.server.heap_trim import DEFAULT_INTERVAL_S
 from octomil.server.serve_flags import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PREFILL_CHUNK,
@@ -238,6 +239,14 @@ def serve(
             help="Disagreement budget for the alarm (default: the exit policy's calibrated one)."
         ),
     ] = None,
+    heap_trim_interval: Annotated[
+        float,
+        typer.Option(
+            help="Every this many seconds, give the C heap's free pages back to the OS "
+            "(malloc_trim), so resident memory follows use; 0: never.",
+            envvar="OCTOMIL_HEAP_TRIM_INTERVAL",
+        ),
+    ] = DEFAULT_INTERVAL_S,
     speculative: Annotated[
         str,
         typer.Option(
@@ -378,6 +387,7 @@ def _run(flags: ServeFlags, sock: socket.socket) -> None:
         auto_fallback=flags.auto_fallback,
         drift_window=flags.drift_window,
         drift_margin=flags.drift_margin,
+        heap_trim_interval=flags.heap_trim_interval,
         drift_budget=flags.drift_budget,
         max_concurrency=flags.max_concurrency,
         telemetry_headers=flags.telemetry_headers,

@@ -14,6 +14,7 @@ from typing import Any
 from octomil.cli_common import check_dtype, check_exit_policy, check_log_level, check_model
 from octomil.cli_speculative import check_speculative
 from octomil.config import ConfigError, EarlyExitSettings, SpeedQuality, resolve_early_exit
+from octomil.server.heap_trim import DEFAULT_INTERVAL_S
 
 PRESET_NAMES = ", ".join(p.value for p in SpeedQuality)
 # Measured on this repository's 2-core CPU (benchmarks/serve_bench.py, serve_time_split.py; README
@@ -58,6 +59,7 @@ class ServeFlags:
     auto_fallback: bool = False
     drift_window: int = 200
     drift_margin: float = 0.05
+    heap_trim_interval: float = DEFAULT_INTERVAL_S
     drift_budget: float | None = None
     speculative: str = "off"
     num_speculative_tokens: int = 8
@@ -109,6 +111,10 @@ class ServeFlags:
             raise ConfigError("--auto-fallback needs shadow checks: set --shadow-rate")
         if self.drift_window < 1:
             raise ConfigError(f"--drift-window must be >= 1, got {self.drift_window}")
+        if self.heap_trim_interval < 0:
+            raise ConfigError(
+                f"--heap-trim-interval must be >= 0 (0: never), got {self.heap_trim_interval}"
+            )
         if not 0.0 <= self.drift_margin <= 1.0:
             raise ConfigError(f"--drift-margin must be within [0, 1], got {self.drift_margin}")
         if self.drift_budget is not None and not 0.0 <= self.drift_budget <= 1.0:
@@ -147,6 +153,7 @@ def serve_flags(p: Mapping[str, Any]) -> ServeFlags:
         auto_fallback=p["auto_fallback"],
         drift_window=p["drift_window"],
         drift_margin=p["drift_margin"],
+        heap_trim_interval=p["heap_trim_interval"],
         drift_budget=p["drift_budget"],
         max_concurrency=p["max_concurrency"],
         max_batch_size=p["max_batch_size"],

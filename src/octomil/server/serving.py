@@ -33,6 +33,7 @@ from octomil.server.engine_client import (
 )
 from octomil.server.errors import APIError
 from octomil.server.exit_control import ExitControl
+from octomil.server.heap_trim import DEFAULT_INTERVAL_S
 from octomil.server.keys import KeyRing
 from octomil.server.limits import Rate
 from octomil.server.metrics import ServerMetrics
@@ -69,6 +70,7 @@ class ServeOptions:
     drift_window: int = DEFAULT_WINDOW
     drift_margin: float = DEFAULT_MARGIN
     drift_budget: float | None = None  # None: the exit policy's calibrated budget
+    heap_trim_interval: float = DEFAULT_INTERVAL_S  # octomil.server.heap_trim; 0: never
 
     @property
     def keys(self) -> KeyRing:
