@@ -63,6 +63,27 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
     throw std::runtime_error("[octomil_qmm] CPU only");
   }
 
+  // d(x W^T)/dx = g W with W dequantized by MLX's own op (slow on the CPU, but only calibration
+  // differentiates through compact weights: its adapters learn through the frozen head).
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    for (int arg : argnums) {
+      if (arg != 0)
+        throw std::invalid_argument(
+            "[octomil_qmm] gradients only with respect to x: compact weights are frozen");
+      // fp32 scales: with fp16 ones MLX dequantizes in fp16 (relative error ~5e-4).
+      auto scales = mx::astype(primals[2], mx::float32, stream());
+      auto biases = mx::astype(primals[3], mx::float32, stream());
+      auto w = mx::dequantize(primals[1], scales, biases, group_size_, bits_, "affine",
+                              std::nullopt, mx::float32, stream());
+      grads.push_back(mx::matmul(mx::astype(cotangents[0], mx::float32, stream()), w, stream()));
+    }
+    return grads;
+  }
+
   const char* name() const override { return "OctomilQuantizedRowsMatmul"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
