@@ -236,3 +236,37 @@ def test_row_groups_keep_sequences_whole():
         start += n
     groups = row_groups(segments, 8)
     assert [[s.stop - s.start for s in g] for g in groups] == [[5], [5, 1], [3, 5], [5, 2]]
+
+
+def test_an_ended_request_frees_its_kv_cache_while_still_referenced(byte_tokenizer):
+    """Regression: a finished or cancelled Generation still held (in a server, by an exception's
+    traceback in a reference cycle) kept its KV arrays alive until Python's cyclic collector ran."""
+    import gc
+
+    import mlx.core as mx
+
+    engine = tiny_engine(make_tiny_model("llama"), byte_tokenizer)
+    engine.prefill_chunk = CHUNK
+    scheduler = Scheduler()
+    warm = engine.generate(GenerationRequest(_prompt(3, 3 * CHUNK), SamplingParams(max_tokens=5)))
+    scheduler.submit(warm)
+    while not scheduler.idle:  # the engine's own lazily built arrays exist from here on
+        scheduler.step()
+    del warm
+    gc.collect()
+    before = mx.get_active_memory()
+    done = engine.generate(GenerationRequest(_prompt(1, 3 * CHUNK), SamplingParams(max_tokens=5)))
+    dropped = engine.generate(
+        GenerationRequest(_prompt(2, 3 * CHUNK), SamplingParams(max_tokens=50))
+    )
+    for gen in (done, dropped):
+        scheduler.submit(gen)
+    while not done.finished:
+        scheduler.step()
+    dropped.cancel()
+    while not scheduler.idle:
+        scheduler.step()
+    assert done.stats.finish_reason == "length" and dropped.stats.finish_reason == "cancelled"
+    assert done.loop.cache == [] and dropped.loop.cache == []
+    assert done.loop.position == 3 * CHUNK + 4  # the bookkeeping stays
+    assert mx.get_active_memory() <= before, (mx.get_active_memory(), before)

@@ -344,6 +344,19 @@ class Generation:
         self.finished = True
         self._queued.clear()
 
+    def release(self) -> None:
+        """Free what only decoding needs (KV cache, pending rows, mask, drafts) once the request
+        has ended; ``stats`` and the position stay. A server's reference cycles (an exception's
+        traceback holding the stream that holds this) can keep the object until Python's cyclic
+        collector runs, and the KV arrays must not wait that long: a 20-minute soak saw 40-80 MB
+        of ended requests' caches alive at a time."""
+        self.loop.cache = []
+        self.loop.pending = []
+        self._queued.clear()
+        self._mask = None
+        self._spec = None
+        self._drafts = []
+
     def _record(self, step: StepResult) -> None:
         s = self.stats
         s.completion_tokens += 1

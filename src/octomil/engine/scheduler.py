@@ -155,6 +155,7 @@ class Scheduler:
             gen.end_cancelled()
         if reserved:
             self.kv_tokens_reserved -= gen.kv_tokens
+        gen.release()  # its KV memory goes now, whoever still holds the Generation
         out.finished.append(gen)
 
     # ------------------------------------------------------------------ decoding
