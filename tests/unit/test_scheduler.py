@@ -261,6 +261,14 @@ def test_an_ended_request_frees_its_kv_cache_while_still_referenced(byte_tokeniz
     )
     for gen in (done, dropped):
         scheduler.submit(gen)
+    scheduler.step()
+    kv = sum(
+        a.nbytes
+        for gen in (done, dropped)
+        for c in gen.loop.cache
+        for a in c.state
+        if isinstance(a, mx.array)
+    )
     while not done.finished:
         scheduler.step()
     dropped.cancel()
@@ -269,4 +277,5 @@ def test_an_ended_request_frees_its_kv_cache_while_still_referenced(byte_tokeniz
     assert done.stats.finish_reason == "length" and dropped.stats.finish_reason == "cancelled"
     assert done.loop.cache == [] and dropped.loop.cache == []
     assert done.loop.position == 3 * CHUNK + 4  # the bookkeeping stays
-    assert mx.get_active_memory() <= before, (mx.get_active_memory(), before)
+    # Freed: what is left over is a few small arrays (sampler keys), not the caches.
+    assert mx.get_active_memory() - before < kv / 4, (mx.get_active_memory(), before, kv)

@@ -354,8 +354,9 @@ class Generation:
         self.loop.pending = []
         self._queued.clear()
         self._mask = None
-        self._spec = None
         self._drafts = []
+        if self._spec is not None:
+            self._spec.release()
 
     def _record(self, step: StepResult) -> None:
         s = self.stats

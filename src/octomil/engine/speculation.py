@@ -115,6 +115,10 @@ class Speculator:
         """Drafting now (``auto`` may pause and resume; see ``octomil.engine.spec_auto``)."""
         return self.settings.enabled and not (self._auto is not None and self._auto.paused)
 
+    def release(self) -> None:
+        """The request ended: drop the drafter (a draft model's KV cache); stats stay."""
+        self._drafter = LookupDrafter([])
+
     def extend(self, tokens: list[int]) -> None:
         """Tokens emitted (or, first, the prompt): the text drafts are looked up in."""
         auto = self._auto
