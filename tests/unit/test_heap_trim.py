@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
+import time
 
 import pytest
 
@@ -46,16 +47,20 @@ def test_trim_returns_free_pages_between_live_allocations() -> None:
 
 @needs_glibc
 def test_trimmer_runs_on_its_interval_until_cancelled() -> None:
-    async def run_for(trimmer: HeapTrimmer, seconds: float) -> None:
+    async def run_until(trimmer: HeapTrimmer, trims: int, timeout: float) -> float:
+        start = time.monotonic()
         task = asyncio.create_task(trimmer.run())
-        await asyncio.sleep(seconds)
+        while trimmer.trims < trims and time.monotonic() - start < timeout:
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        return time.monotonic() - start
 
     trimmer = HeapTrimmer(0.05)
-    asyncio.run(run_for(trimmer, 0.5))
-    assert 3 <= trimmer.trims <= 10, trimmer.trims
+    elapsed = asyncio.run(run_until(trimmer, 3, timeout=30))
+    assert trimmer.trims >= 3
+    assert trimmer.trims <= elapsed / 0.05 + 1  # never more often than the interval
     never = HeapTrimmer(0)
     asyncio.run(asyncio.wait_for(never.run(), 1))  # returns at once
     assert never.trims == 0

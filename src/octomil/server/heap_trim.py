@@ -17,11 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
-import time
 from collections.abc import Callable
-
-logger = logging.getLogger("octomil.server")
 
 DEFAULT_INTERVAL_S = 10.0
 
@@ -58,14 +54,10 @@ class HeapTrimmer:
             raise ValueError(f"interval must be >= 0, got {interval}")
         self.interval = interval
         self.trims = 0
-        self.released = 0  # trims that gave memory back
-        self.seconds = 0.0  # time spent trimming, for the curious: ~ms per call
 
     def _trim(self) -> None:
-        start = time.perf_counter()
-        self.released += trim()
+        trim()
         self.trims += 1
-        self.seconds += time.perf_counter() - start
 
     async def run(self) -> None:
         """Trim until cancelled; a thread does the work so the event loop never waits on it."""
