@@ -56,6 +56,20 @@ def weight_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def interleaved_best(fns: dict, rounds: int) -> dict:
+    """Seconds of each ``fns`` value (a call), best of ``rounds``: each called once untimed, then
+    all in turn every round, so machine noise hits them alike."""
+    best = {key: float("inf") for key in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best
+
+
 def read_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
     """Best of ``repeats`` two-thread sums over an array larger than the caches (GB/s)."""
     data = np.ones(mbytes * 2**20 // 8, dtype=np.float64)

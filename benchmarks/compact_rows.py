@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from compact_bench import interleaved_best
 from engine_bench import cpu_model, git_commit
 
 from octomil.models.loader import load
@@ -59,14 +60,7 @@ def main() -> None:
         for fmt in ("float32", "q8", "q4")
         for rows in ROWS
     }
-    best = {key: float("inf") for key in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(args.rounds):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[key] = min(best[key], (time.perf_counter() - start) * 1000)
+    best = {key: s * 1000 for key, s in interleaved_best(fns, args.rounds).items()}  # ms
     table = {
         fmt: {
             str(rows): {"ms": best[(fmt, rows)], "vs_one_row": best[(fmt, rows)] / best[(fmt, 1)]}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from compact_bench import read_bandwidth_gbs
+from compact_bench import interleaved_best, read_bandwidth_gbs
 from engine_bench import cpu_model, git_commit
 
 from octomil.quant import kernel
@@ -70,14 +70,7 @@ def main() -> None:
                     fns[(fmt, rows)] = lambda x=x, items=items, b=bits[fmt]: mx.eval(
                         [kernel.quantized_matmul(x, *t, 32, b) for t in items]
                     )
-        best = {key: float("inf") for key in fns}
-        for fn in fns.values():
-            fn()
-        for _ in range(args.rounds):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                best[key] = min(best[key], time.perf_counter() - start)
+        best = interleaved_best(fns, args.rounds)
         products = 1 if n > 10000 else LAYERS
         table[name] = {
             fmt: {
