@@ -50,25 +50,13 @@ TOOLS = [
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-def _save_tiny_model(path: Path) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    model = tiny_models.make_tiny_model("llama", seed=7)
-    path.mkdir()
-    config = tiny_models.tiny_config("llama")
-    config["eos_token_id"] = 256
-    (path / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    tokenizer = tiny_models.make_byte_tokenizer()
-    tokenizer.chat_template = TOOLS_TEMPLATE
-    tokenizer.save_pretrained(str(path))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("models") / MODEL
-    _save_tiny_model(path)
+    tokenizer = tiny_models.make_byte_tokenizer()
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    model = tiny_models.make_tiny_model("llama", seed=7)
+    tiny_models.save_tiny_checkpoint(path, model, tokenizer, eos_token_id=256)
     srv = start_server(str(path))
     try:
         yield srv

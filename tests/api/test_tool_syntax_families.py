@@ -37,17 +37,15 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 @pytest.fixture(scope="module", params=["llama3", "mistral"])
 def server(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[ServerProcess]:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
     path = tmp_path_factory.mktemp("models") / f"tiny-{request.param}"
-    path.mkdir()
-    config = tiny_models.tiny_config("llama")
-    config |= {"eos_token_id": 256, "max_position_embeddings": 4096}
-    (path / "config.json").write_text(json.dumps(config))
     model = tiny_models.make_tiny_model("llama", seed=7)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    family_tokenizer(request.param).save_pretrained(str(path))
+    tiny_models.save_tiny_checkpoint(
+        path,
+        model,
+        family_tokenizer(request.param),
+        eos_token_id=256,
+        max_position_embeddings=4096,
+    )
     srv = start_server(str(path))
     srv.family = request.param  # type: ignore[attr-defined]
     srv.model = path.name  # type: ignore[attr-defined]

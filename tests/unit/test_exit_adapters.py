@@ -14,8 +14,8 @@ from tiny_models import (
     NUM_LAYERS,
     make_byte_tokenizer,
     make_tiny_model,
+    save_tiny_checkpoint,
     sharpen,
-    tiny_config,
     tiny_engine,
 )
 
@@ -333,12 +333,8 @@ def test_placement_and_method_override(anatomy):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, model):
     """The tiny model saved as an mlx-lm directory, so ``Engine.load`` reads it from disk."""
-    from mlx_lm.utils import save_config, save_model
-
     path = tmp_path_factory.mktemp("tiny-llama")
-    save_model(path, model)
-    save_config({**tiny_config("llama"), "eos_token_id": 256}, path / "config.json")
-    make_byte_tokenizer().save_pretrained(path)
+    save_tiny_checkpoint(path, model, make_byte_tokenizer(), eos_token_id=256)
     return path
 
 

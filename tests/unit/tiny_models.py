@@ -105,6 +105,16 @@ def make_tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     return model
 
 
+def save_tiny_checkpoint(path, model: nn.Module, tokenizer, **config) -> None:
+    """``model`` (a tiny llama) as a checkpoint directory the loader reads: weights, the tiny
+    llama ``config.json`` with ``config`` over it, and ``tokenizer``."""
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(path, model)
+    save_config(tiny_config("llama", **config), path / "config.json")
+    tokenizer.save_pretrained(str(path))
+
+
 def sharpen(model: nn.Module, embed_factor: float = 4.0, head_factor: float = 20.0) -> nn.Module:
     """Make every layer's shared-head distribution peaked, as early exit needs.
 
