@@ -8,6 +8,7 @@ the others in the call (batching stays exact).
 
 import octomil  # noqa: F401, I001  (loads OpenBLAS; must precede every mlx import)
 
+import ctypes
 import math
 
 import mlx.core as mx
@@ -135,6 +136,23 @@ def test_attention_reads_a_strided_buffer():
     assert mx.array_equal(k_out[..., :3, :], expected_k[..., :3, :])
     expected = reference_attention(q[0], expected_k, expected_v, 3, 0.125)
     assert mx.allclose(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def address(a: mx.array) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(memoryview(a)))
+
+
+def test_attention_appends_to_the_cache_buffer_in_place():
+    """The new rows are written into the buffer itself, not a copy of the whole cache (a copy
+    a step cost ~0.4 GB of memory traffic at 16 sequences), and the rows before stay as they were."""
+    q, k_new, v_new, keys, values = step_inputs([5, 300], [256, 512])
+    before = [mx.array(b[..., :299, :]) for b in (*keys, *values)]
+    mx.eval(before)
+    _, *buffers = ext.decode_attention(q, k_new, v_new, keys, values, [1, 1], [5, 300], 0.125)
+    mx.eval(buffers)
+    assert [address(b) for b in buffers] == [address(b) for b in (*keys, *values)]
+    for old, new, length in zip(before, buffers, [5, 300, 5, 300], strict=True):
+        assert mx.array_equal(old[..., : length - 1, :], new[..., : length - 1, :])
 
 
 def test_attention_rejects_a_length_past_the_buffer():

@@ -202,44 +202,68 @@ struct AttentionJob {
   int rep, hd, len;
 };
 
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int n) {
-  __m256 acc = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+// The eight sums of a0..a7 (each eight lanes) as one vector: sum(a_i) in lane i.
+__attribute__((target("avx2,fma"))) inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+constexpr int kMaxAvx2HeadDim = 1024;
+
+// Scores q . k_t for t < len into p (len rounded up to 8, -inf past len): eight keys at a time on
+// eight independent accumulators (one FMA chain a key would wait on its own latency); the last
+// partial block reads zero rows in place of the missing keys, so every score of a row comes from
+// the same code whatever its length.
+__attribute__((target("avx2,fma"))) void scores_avx2(const float* q, const float* k, int hd,
+                                                    int len, float* p) {
+  alignas(32) static const float zeros[kMaxAvx2HeadDim] = {};
+  for (int t0 = 0; t0 < len; t0 += 8) {
+    const float* rows[8];
+    for (int j = 0; j < 8; ++j)
+      rows[j] = t0 + j < len ? k + static_cast<size_t>(t0 + j) * hd : zeros;
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows[j] + d), acc[j]);
+    }
+    _mm256_storeu_ps(p + t0, hsum8x8(acc));
+  }
+  for (int t = len; t < ((len + 7) / 8) * 8; ++t) p[t] = -INFINITY;
 }
 
 __attribute__((target("avx2,fma"))) void attend_avx2(const AttentionJob& j, std::vector<float>& p) {
-  p.assign(((j.len + 7) / 8) * 8, -INFINITY);
+  const int padded = ((j.len + 7) / 8) * 8;
+  p.resize(padded);
   for (int r = 0; r < j.rep; ++r) {
-    const float* q = j.q + r * j.hd;
-    float m = -INFINITY;
-    for (int t = 0; t < j.len; ++t) {
-      p[t] = dot_avx2(q, j.k + static_cast<size_t>(t) * j.hd, j.hd);
-      m = std::max(m, p[t]);
-    }
-    __m256 vm = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
-    for (size_t t = 0; t < p.size(); t += 8) {
+    scores_avx2(j.q + r * j.hd, j.k, j.hd, j.len, p.data());
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (int t = 0; t < padded; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(&p[t]));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vm);
+    vm = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < padded; t += 8) {
       __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&p[t]), vm));
       _mm256_storeu_ps(&p[t], e);
       sum = _mm256_add_ps(sum, e);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, sum);
-    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum));
     float* o = j.out + r * j.hd;
-    for (int d = 0; d < j.hd; d += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int t = 0; t < j.len; ++t)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(j.v + static_cast<size_t>(t) * j.hd + d), acc);
-      _mm256_storeu_ps(o + d, _mm256_div_ps(acc, _mm256_set1_ps(total)));
+    // p . V, up to 64 output lanes at a time, each on its own accumulator
+    for (int d0 = 0; d0 < j.hd; d0 += 64) {
+      const int blocks = std::min(8, (j.hd - d0) / 8);
+      __m256 acc[8];
+      for (int b = 0; b < blocks; ++b) acc[b] = _mm256_setzero_ps();
+      for (int t = 0; t < j.len; ++t) {
+        const __m256 pt = _mm256_set1_ps(p[t]);
+        const float* v = j.v + static_cast<size_t>(t) * j.hd + d0;
+        for (int b = 0; b < blocks; ++b) acc[b] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * b), acc[b]);
+      }
+      for (int b = 0; b < blocks; ++b) _mm256_storeu_ps(o + d0 + 8 * b, _mm256_mul_ps(acc[b], inv));
     }
-    // restore the -inf padding past len for the next head
-    for (size_t t = j.len; t < p.size(); ++t) p[t] = -INFINITY;
   }
 }
 
@@ -338,10 +362,18 @@ void copy_rows(const mx::array& a, float* dst) {
       for (int d = 0; d < a.shape(3); ++d) dst[o++] = src[h * st[1] + t * st[2] + d * st[3]];
 }
 
-// Writes each segment's new key/value rows into its sequence's cache buffer (outputs 1..2n, which
-// take the input buffers over when MLX may donate them, as its own slice update does), then attends
-// each query row to its own sequence's keys up to and including its own position (output 0). A row
-// is computed by the same code whether its segment has one row or several.
+// Writes each segment's new key/value rows into its sequence's cache buffer (outputs 1..2n), then
+// attends each query row to its own sequence's keys up to and including its own position (output
+// 0). A row is computed by the same code whether its segment has one row or several.
+//
+// A cache buffer is append-only: every array of one sequence's cache at one layer reads only the
+// positions before that cache's offset at the time, and a step writes only at and after it. So
+// output i takes its input buffer over (writes in place) whenever the buffer is row-contiguous.
+// MLX's is_donatable() cannot be the test here: each of a multi-output primitive's 2n + 1 outputs
+// holds the inputs, so it is never true, and the previous step's task (run ahead) still holds the
+// buffer when this step is scheduled; copying instead cost the whole cache every step (~0.4 GB a
+// step for 16 sequences at 256 positions). A rolled-back verification (engine.verify) moves the
+// offset back only after its step is evaluated, and nothing keeps an older array of the cache.
 class DecodeAttention : public mx::Primitive {
  public:
   DecodeAttention(mx::Stream stream, std::vector<int> rows, std::vector<int> lengths, int kv_heads)
@@ -364,7 +396,7 @@ class DecodeAttention : public mx::Primitive {
     for (int c = 0; c < 2 * n; ++c) {
       const auto& in = inputs[3 + c];
       auto& out = outputs[1 + c];
-      if (in.flags().row_contiguous && in.is_donatable()) {
+      if (in.flags().row_contiguous) {
         out.copy_shared_buffer(in);
       } else {
         out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -399,7 +431,7 @@ class DecodeAttention : public mx::Primitive {
                       jobs = std::move(jobs), hd]() mutable {
       for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
       for (auto& [dst, fresh] : writes) std::memcpy(dst, fresh, hd * sizeof(float));
-      bool avx2 = cpu_has_avx2() && hd % 8 == 0;
+      bool avx2 = cpu_has_avx2() && hd % 8 == 0 && hd <= kMaxAvx2HeadDim;
       std::vector<float> scratch;
       for (const auto& j : jobs) {
         if (avx2)
