@@ -7,7 +7,7 @@ import mlx.nn as nn
 import pytest
 from tiny_models import SUPPORTED, make_tiny_model
 
-from octomil.models.rope_table import TableRoPE, install_table_rope
+from octomil.models.rope_table import RopeTables, TableRoPE, install_table_rope
 
 
 @pytest.mark.parametrize("traditional", [True, False])
@@ -50,3 +50,14 @@ def test_installed_in_every_layer_with_one_shared_table(family):
     assert len(tables) <= 1
     logits = model(mx.array([[1, 2, 3, 4]]))
     assert mx.all(mx.isfinite(logits)).item()
+
+
+def test_a_steps_row_tables_survive_a_neighbours_rows():
+    """Two segments' rows of one step (16 decode rows, a 32-row verification or chunk) looked up
+    in turn every layer stay cached: their single-position tables do not evict each other."""
+    tables = RopeTables(64, False, 10000.0, 1.0)
+    decode, other = tuple(range(100, 1700, 100)), tuple(range(40, 72))
+    first = tables.rows(decode, 64)
+    tables.rows(other, 64)
+    assert tables.rows(decode, 64) is first
+    assert mx.array_equal(first[0][3], tables.get(400, 1, 64)[0][0])

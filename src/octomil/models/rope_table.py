@@ -74,7 +74,11 @@ class RopeTables:
         key = (positions, -1, head_dim)
         found = self._tables.get(key)
         if found is None:
-            singles = [self.get(p, 1, head_dim) for p in positions]
+            # Singles are not kept: the row groups of one step (a batch past the route's row cap,
+            # verifications) would evict each other's tables and recompute them every layer.
+            singles = [
+                self._tables.get((p, 1, head_dim)) or self._single(p, head_dim) for p in positions
+            ]
             found = self._tables[key] = (
                 mx.concatenate([t[0] for t in singles]),
                 mx.concatenate([t[1] for t in singles]),
@@ -83,6 +87,9 @@ class RopeTables:
             if len(self._tables) > _TABLES_KEPT:
                 self._tables.popitem(last=False)
         return found
+
+    def _single(self, position: int, head_dim: int) -> tuple[mx.array, ...]:
+        return (*self._angles(position, 1, head_dim), self._partner(head_dim))
 
     def _partner(self, head_dim: int) -> mx.array:
         if head_dim not in self._partners:
