@@ -160,3 +160,14 @@ def test_a_fresh_process_takes_the_fast_paths():
         "print(kernel.calls(), kernel.calls(prefill=True), kernel.isa() != '')\n"
     )
     assert run_python(code) == ["1 0", "1 1 True"]
+
+
+def test_the_few_row_kernel_serves_every_product_a_batched_step_makes():
+    """A batched decode step caps its products at the route's row limit (``layer_loop``); with
+    compact weights each of those products must still take this kernel's row-invariant path,
+    or a sequence's tokens would depend on its neighbours. Raising one limit needs the other."""
+    from octomil.blas import route
+
+    if not route.active():
+        pytest.skip("the few-row route is off here")
+    assert kernel.max_rows() >= route.max_rows()
