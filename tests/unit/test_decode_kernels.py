@@ -108,6 +108,20 @@ def test_attention_sequence_does_not_depend_on_neighbours():
         assert mx.array_equal(together[one], alone)
 
 
+def test_a_step_large_enough_for_two_threads_equals_its_sequences_alone():
+    """16 sequences at ~300 positions: the step's attention is split over two threads (each job
+    whole on one), and every sequence still gets the bits it gets alone (single-threaded)."""
+    lengths = [280 + 7 * i for i in range(16)]
+    q, k_new, v_new, keys, values = step_inputs(lengths, [512] * 16)
+    together = ext.decode_attention(q, k_new, v_new, keys, values, [1] * 16, lengths, 0.125)[0]
+    for i in (0, 1, 7, 15):
+        one = slice(i, i + 1)
+        alone = ext.decode_attention(
+            q[one], k_new[one], v_new[one], [keys[i]], [values[i]], [1], [lengths[i]], 0.125
+        )[0]
+        assert mx.array_equal(together[one], alone)
+
+
 def test_a_segment_of_rows_equals_its_rows_decoded_one_by_one():
     """Regression guard for verification and catch-up rows: row j of a segment attends to the
     keys up to its own position, with the bits a one-row step at that position gets."""
@@ -143,8 +157,8 @@ def address(a: mx.array) -> int:
 
 
 def test_attention_appends_to_the_cache_buffer_in_place():
-    """The new rows are written into the buffer itself, not a copy of the whole cache (a copy
-    a step cost ~0.4 GB of memory traffic at 16 sequences), and the rows before stay as they were."""
+    """The new rows are written into the buffer itself, not a copy of the whole cache (a copy a
+    step cost ~0.4 GB of memory traffic at 16 sequences); the rows before stay as they were."""
     q, k_new, v_new, keys, values = step_inputs([5, 300], [256, 512])
     before = [mx.array(b[..., :299, :]) for b in (*keys, *values)]
     mx.eval(before)

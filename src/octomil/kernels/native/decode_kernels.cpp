@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "mlx/allocator.h"
@@ -211,6 +212,9 @@ __attribute__((target("avx2,fma"))) inline __m256 hsum8x8(const __m256* a) {
 }
 
 constexpr int kMaxAvx2HeadDim = 1024;
+
+// Query-head x key pairs from which a decode step's attention is split over two threads.
+constexpr long kThreadedAttentionKeys = 1L << 15;
 
 // Scores q . k_t for t < len into p (len rounded up to 8, -inf past len): eight keys at a time on
 // eight independent accumulators (one FMA chain a key would wait on its own latency); the last
@@ -431,14 +435,27 @@ class DecodeAttention : public mx::Primitive {
                       jobs = std::move(jobs), hd]() mutable {
       for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
       for (auto& [dst, fresh] : writes) std::memcpy(dst, fresh, hd * sizeof(float));
-      bool avx2 = cpu_has_avx2() && hd % 8 == 0 && hd <= kMaxAvx2HeadDim;
-      std::vector<float> scratch;
-      for (const auto& j : jobs) {
-        if (avx2)
-          attend_avx2(j, scratch);
-        else
-          attend_scalar(j, scratch);
+      const bool avx2 = cpu_has_avx2() && hd % 8 == 0 && hd <= kMaxAvx2HeadDim;
+      auto run = [&jobs, avx2](size_t first, size_t step) {
+        std::vector<float> scratch;
+        for (size_t i = first; i < jobs.size(); i += step) {
+          if (avx2)
+            attend_avx2(jobs[i], scratch);
+          else
+            attend_scalar(jobs[i], scratch);
+        }
+      };
+      // A second thread takes every other job when there is enough to pay for starting it; each
+      // job is computed whole by one thread, so the numbers do not depend on the split.
+      long keys = 0;
+      for (const auto& j : jobs) keys += static_cast<long>(j.len) * j.rep;
+      if (keys < kThreadedAttentionKeys || std::thread::hardware_concurrency() < 2) {
+        run(0, 1);
+        return;
       }
+      std::thread helper(run, 1, 2);
+      run(0, 2);
+      helper.join();
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
