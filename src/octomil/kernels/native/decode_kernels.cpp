@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -453,9 +454,14 @@ class DecodeAttention : public mx::Primitive {
         run(0, 1);
         return;
       }
-      std::thread helper(run, 1, 2);
+      std::thread helper;
+      try {
+        helper = std::thread(run, 1, 2);
+      } catch (const std::system_error&) {  // no thread to be had: this one does both halves
+        run(1, 2);
+      }
       run(0, 2);
-      helper.join();
+      if (helper.joinable()) helper.join();
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
