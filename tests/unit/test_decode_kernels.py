@@ -96,25 +96,20 @@ def test_attention_writes_the_rows_then_matches_masked_softmax(heads, kv, hd):
         assert mx.allclose(out[i], expected, rtol=1e-5, atol=1e-5), (i, length)
 
 
-def test_attention_sequence_does_not_depend_on_neighbours():
-    lengths, caps = [5, 130, 257, 40], [256, 256, 512, 256]
+@pytest.mark.parametrize(
+    "lengths,caps",
+    [
+        ([5, 130, 257, 40], [256, 256, 512, 256]),
+        # 16 sequences at ~300 positions: the step's attention is split over two threads (each
+        # job whole on one); each sequence alone stays on one thread.
+        ([280 + 7 * i for i in range(16)], [512] * 16),
+    ],
+)
+def test_attention_sequence_does_not_depend_on_neighbours(lengths, caps):
+    n = len(lengths)
     q, k_new, v_new, keys, values = step_inputs(lengths, caps)
-    together = ext.decode_attention(q, k_new, v_new, keys, values, [1] * 4, lengths, 0.125)[0]
-    for i in range(4):
-        one = slice(i, i + 1)
-        alone = ext.decode_attention(
-            q[one], k_new[one], v_new[one], [keys[i]], [values[i]], [1], [lengths[i]], 0.125
-        )[0]
-        assert mx.array_equal(together[one], alone)
-
-
-def test_a_step_large_enough_for_two_threads_equals_its_sequences_alone():
-    """16 sequences at ~300 positions: the step's attention is split over two threads (each job
-    whole on one), and every sequence still gets the bits it gets alone (single-threaded)."""
-    lengths = [280 + 7 * i for i in range(16)]
-    q, k_new, v_new, keys, values = step_inputs(lengths, [512] * 16)
-    together = ext.decode_attention(q, k_new, v_new, keys, values, [1] * 16, lengths, 0.125)[0]
-    for i in (0, 1, 7, 15):
+    together = ext.decode_attention(q, k_new, v_new, keys, values, [1] * n, lengths, 0.125)[0]
+    for i in range(n):
         one = slice(i, i + 1)
         alone = ext.decode_attention(
             q[one], k_new[one], v_new[one], [keys[i]], [values[i]], [1], [lengths[i]], 0.125

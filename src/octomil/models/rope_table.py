@@ -55,10 +55,7 @@ class RopeTables:
         key = (offset, length, head_dim)
         found = self._tables.get(key)
         if found is None:
-            found = self._tables[key] = (
-                *self._angles(offset, length, head_dim),
-                self._partner(head_dim),
-            )
+            found = self._tables[key] = self._table(offset, length, head_dim)
             if len(self._tables) > _TABLES_KEPT:
                 self._tables.popitem(last=False)
         return found
@@ -77,7 +74,7 @@ class RopeTables:
             # Singles are not kept: the row groups of one step (a batch past the route's row cap,
             # verifications) would evict each other's tables and recompute them every layer.
             singles = [
-                self._tables.get((p, 1, head_dim)) or self._single(p, head_dim) for p in positions
+                self._tables.get((p, 1, head_dim)) or self._table(p, 1, head_dim) for p in positions
             ]
             found = self._tables[key] = (
                 mx.concatenate([t[0] for t in singles]),
@@ -88,8 +85,8 @@ class RopeTables:
                 self._tables.popitem(last=False)
         return found
 
-    def _single(self, position: int, head_dim: int) -> tuple[mx.array, ...]:
-        return (*self._angles(position, 1, head_dim), self._partner(head_dim))
+    def _table(self, offset: int, length: int, head_dim: int) -> tuple[mx.array, ...]:
+        return (*self._angles(offset, length, head_dim), self._partner(head_dim))
 
     def _partner(self, head_dim: int) -> mx.array:
         if head_dim not in self._partners:
