@@ -1,9 +1,10 @@
 """The decode kernels (``octomil.kernels.decode``) against MLX's own operations.
 
-SwiGLU and one-token attention are compared with MLX references computed another way (``nn.silu``
-and a masked softmax over each sequence's own keys) on shapes with row tails, every cache width
-the engine makes and lengths of 1 up to a full buffer; each sequence's result must not depend on
-the others in the call (batching stays exact).
+SwiGLU, RMS norm and one-token attention are compared with MLX references computed another way
+(``nn.silu``, ``mx.fast.rms_norm``, a masked softmax over each sequence's own keys, the RoPE
+tables' own rotation) on shapes with row tails, every cache width the engine makes and lengths of
+1 up to a full buffer; each sequence's result must not depend on the others in the call (batching
+stays exact), and strided inputs (which the kernels gather themselves) give their copies' bits.
 """
 
 import octomil  # noqa: F401, I001  (loads OpenBLAS; must precede every mlx import)
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import pytest
 
 from octomil.kernels import decode
+from octomil.models.rope_table import RopeTables, rotate
 
 ext = decode.extension()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"{decode.status()}")
@@ -44,6 +46,30 @@ def test_swiglu_row_does_not_depend_on_other_rows():
     together = ext.swiglu(gate, up)
     for r in range(9):
         assert mx.array_equal(together[r : r + 1], ext.swiglu(gate[r : r + 1], up[r : r + 1]))
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (3, 576), (2, 13), (1, 1, 37), (5, 64)])
+def test_rms_norm_matches_mlx(shape):
+    mx.random.seed(3)
+    x, w = mx.random.normal(shape) * 3, mx.random.normal(shape[-1:])
+    assert mx.allclose(ext.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5), **TOL)
+
+
+def test_rms_norm_row_does_not_depend_on_other_rows_and_strides_are_gathered():
+    mx.random.seed(4)
+    x, w = mx.random.normal((9, 576)), mx.random.normal((576,))
+    together = ext.rms_norm(x, w, 1e-6)
+    for r in range(9):
+        assert mx.array_equal(together[r : r + 1], ext.rms_norm(x[r : r + 1], w, 1e-6))
+    strided = mx.random.normal((576, 4)).T  # (4, 576), column-major
+    assert mx.array_equal(ext.rms_norm(strided, w, 1e-6), ext.rms_norm(mx.array(strided), w, 1e-6))
+    gate, up = mx.random.normal((64, 3)).T, mx.random.normal((3, 128))[:, ::2]
+    assert mx.array_equal(ext.swiglu(gate, up), ext.swiglu(mx.array(gate), mx.array(up)))
+
+
+def test_rms_norm_rejects_a_weight_of_the_wrong_size():
+    with pytest.raises(ValueError, match="rms_norm"):
+        ext.rms_norm(mx.ones((2, 8)), mx.ones((7,)), 1e-6)
 
 
 def reference_attention(q, keys, values, length, scale):
@@ -188,9 +214,9 @@ def test_decode_steps_take_the_kernels_on_plain_families(family, byte_tokenizer,
     calls = {"attention": [], "swiglu": 0}
     attention, swiglu = ext.decode_attention, ext.swiglu
 
-    def counting_attention(q, k, v, keys, values, rows, lengths, scale):
+    def counting_attention(q, k, v, keys, values, rows, lengths, scale, rope):
         calls["attention"].append(len(lengths))
-        return attention(q, k, v, keys, values, rows, lengths, scale)
+        return attention(q, k, v, keys, values, rows, lengths, scale, rope)
 
     def counting_swiglu(gate, up):
         calls["swiglu"] += 1
@@ -231,3 +257,64 @@ def test_a_bfloat16_model_decodes_through_the_family_code(byte_tokenizer):
     while not scheduler.idle:
         scheduler.step()
     assert [len(g.output_tokens) for g in gens] == [3, 3]
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_in_the_kernel_equals_the_tables_rotation(traditional):
+    """The kernel rotates q and k (projections as they come: (1, R, H * hd)) with the step's
+    tables and scales q: the attention and the cache rows of rotating first (the tables' own
+    rotation) and passing no tables."""
+    heads, kv, hd, lengths = 9, 3, 64, [3, 40, 200]
+    n = len(lengths)
+    q, k_new, v_new, keys, values = step_inputs(lengths, [256] * n, heads, kv, hd, seed=5)
+    tables = RopeTables(hd, traditional, 10000.0, 1.0)
+    cos, sin, partner = tables.rows(tuple(length - 1 for length in lengths), hd)
+    out, *buffers = ext.decode_attention(
+        q.reshape(1, n, heads * hd),
+        k_new.reshape(1, n, kv * hd),
+        v_new.reshape(1, n, kv * hd),
+        keys,
+        values,
+        [1] * n,
+        lengths,
+        0.125,
+        [cos, sin, partner],
+    )
+    assert out.shape == (1, n, heads * hd)
+    c, s_ = cos[:, None, :], sin[:, None, :]  # (R, 1, hd) against (R, H, hd)
+    want, *want_buffers = ext.decode_attention(
+        rotate(q, c, s_, partner), rotate(k_new, c, s_, partner), v_new, keys, values, [1] * n,
+        lengths, 0.125,
+    )  # fmt: skip
+    assert mx.allclose(out.reshape(n, heads, hd), want, **TOL)
+    for got, expected, length in zip(buffers, want_buffers, lengths * 2, strict=True):
+        assert mx.allclose(got[..., :length, :], expected[..., :length, :], **TOL)
+
+
+def test_strided_projections_give_their_copies_bits():
+    heads, kv, hd, lengths = 4, 2, 16, [5, 9]
+    q, k_new, v_new, keys, values = step_inputs(lengths, [256, 256], heads, kv, hd, seed=6)
+    q_strided = mx.random.normal((heads * hd, 2)).T  # (2, H * hd), column-major
+    tables = RopeTables(hd, False, 10000.0, 1.0)
+    rope = list(tables.rows((4, 8), hd))
+    args = (keys, values, [1, 1], lengths, 0.25, rope)
+    strided = ext.decode_attention(q_strided, k_new, v_new, *args)[0]
+    copied = ext.decode_attention(mx.array(q_strided), k_new, v_new, *args)[0]
+    assert mx.array_equal(strided, copied)
+
+
+def test_attention_rejects_tables_of_the_wrong_shape():
+    q, k_new, v_new, keys, values = step_inputs([5], [256], 4, 2, 16)
+    cos = mx.ones((2, 16))  # two rows of tables for one query row
+    with pytest.raises(ValueError, match="rope"):
+        ext.decode_attention(
+            q,
+            k_new,
+            v_new,
+            keys,
+            values,
+            [1],
+            [5],
+            0.25,
+            [cos, cos, mx.arange(16, dtype=mx.uint32)],
+        )

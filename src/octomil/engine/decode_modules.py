@@ -31,7 +31,7 @@ from mlx_lm.models.cache import KVCache
 
 from octomil.kernels import decode
 from octomil.models.kernel_modules import PLAIN_ATTENTION
-from octomil.models.rope_table import TableRoPE, rotate
+from octomil.models.rope_table import TableRoPE
 
 # A decode step's segment: one token, catch-up rows, or a verification (``engine.verify``).
 MAX_SEGMENT_ROWS = 32
@@ -61,34 +61,33 @@ def attend(
     """Attention outputs ``(1, R, heads * head_dim)`` for segments of ``rows`` consecutive new
     positions each, one per cache (a plain ``KVCache``, updated here).
 
-    ``queries``/``keys``/``values`` are the projected rows ``(R, features)``, segment by segment.
+    ``queries``/``keys``/``values`` are the projected rows, segment by segment: ``(1, R, features)``
+    as the projections return them, or ``(R, features)``. The kernel takes them as they are and
+    rotates and scales them itself from the step's RoPE tables, so a layer's attention is one
+    graph node (MLX spends a few microseconds of scheduling on every node of a step's graph).
     """
     total = sum(rows)
-    heads, kv_heads = attention.n_heads, attention.n_kv_heads
-    q = queries.reshape(total, heads, 1, -1)  # (R, H, 1, hd)
-    k = keys.reshape(total, kv_heads, 1, -1)
-    v = values.reshape(total, kv_heads, 1, -1)
-    head_dim = q.shape[-1]
+    kv_heads = attention.n_kv_heads
+    head_dim = keys.shape[-1] // kv_heads
     positions = tuple(c.offset + j for c, n in zip(caches, rows, strict=True) for j in range(n))
     cos, sin, partner = attention.rope.tables.rows(positions, head_dim)
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # (R, 1, 1, hd)
-    q, k = rotate(q, cos, sin, partner), rotate(k, cos, sin, partner)
     for cache, n in zip(caches, rows, strict=True):
-        _reserve_rows(cache, n, kv_heads, head_dim, v.shape[-1])
+        _reserve_rows(cache, n, kv_heads, head_dim, values.shape[-1] // kv_heads)
     out, *buffers = decode.extension().decode_attention(  # type: ignore[union-attr]
-        q.reshape(total, heads, head_dim),
-        k.reshape(total, kv_heads, head_dim),
-        v.reshape(total, kv_heads, -1),
+        queries,
+        keys,
+        values,
         [c.keys for c in caches],
         [c.values for c in caches],
         list(rows),
         [c.offset + n for c, n in zip(caches, rows, strict=True)],
         attention.scale,
+        [cos, sin, partner],
     )
     for i, (cache, n) in enumerate(zip(caches, rows, strict=True)):  # the kernel wrote the rows
         cache.keys, cache.values = buffers[i], buffers[len(caches) + i]
         cache.offset += n
-    return out.reshape(1, total, heads * head_dim)
+    return out if out.ndim == 3 else out.reshape(1, total, -1)
 
 
 def _reserve_rows(cache: KVCache, n: int, kv_heads: int, k_dim: int, v_dim: int) -> None:

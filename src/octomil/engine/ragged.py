@@ -95,7 +95,7 @@ class _RaggedAttention(nn.Module):
         rows = [segments[k].stop - segments[k].start for k in grouped]
         caches = [segments[k].cache for k in grouped]
         if len(grouped) == len(segments):  # every segment attends through the kernel
-            return originals["o_proj"](attend(attn, *(p[0] for p in projected), rows, caches))
+            return originals["o_proj"](attend(attn, *projected, rows, caches))
         outputs = self._family_attention(x, projected, originals)
         if grouped:
             index = mx.array(

@@ -29,7 +29,9 @@ _off = 0
 
 def _sources() -> dict[str, bytes]:
     native = resources.files("octomil.kernels").joinpath("native")
-    return {e.name: e.read_bytes() for e in native.iterdir() if e.name.endswith((".cpp", ".txt"))}
+    return {
+        e.name: e.read_bytes() for e in native.iterdir() if e.name.endswith((".cpp", ".h", ".txt"))
+    }
 
 
 def extension() -> ModuleType | None:

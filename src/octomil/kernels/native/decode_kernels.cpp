@@ -6,6 +6,7 @@
 // Two MLX primitives replace them for decode steps (octomil/kernels/decode.py decides when):
 //
 //   swiglu(gate, up)               silu(gate) * up, with a vectorised exp
+//   rms_norm(x, weight, eps)       RMS norm in one operation (MLX's CPU fallback takes four)
 //   decode_attention(q, K.., V..)  a decode step's query rows (one per sequence, or several: a
 //                                  verification, catch-up rows) against each sequence's own
 //                                  cache buffer, all sequences in one operation
@@ -34,6 +35,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "strided_rows.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -93,6 +95,40 @@ __attribute__((target("avx2,fma"))) void swiglu_row_avx2(const float* g, const f
 
 void swiglu_row_scalar(const float* g, const float* u, float* out, int n) {
   for (int i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+// RMS norm of one row: (x * rsqrt(mean(x^2) + eps)) * w, the order of octomil.models.rms_norm's
+// compiled expression; the squares summed on 4 x 8 lanes in a fixed order (any row length).
+__attribute__((target("avx2,fma"))) void rms_norm_row_avx2(const float* x, const float* w,
+                                                           float* out, int n, float eps) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int a = 0; a < 4; ++a) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * a);
+      acc[a] = _mm256_fmadd_ps(v, v, acc[a]);
+    }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail = std::fma(x[i], x[i], tail);
+  const __m256 all = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, all);
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  const float r = 1.0f / std::sqrt((sum + tail) / static_cast<float>(n) + eps);
+  const __m256 vr = _mm256_set1_ps(r);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i,
+                     _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vr), _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) out[i] = (x[i] * r) * w[i];
+}
+
+void rms_norm_row_scalar(const float* x, const float* w, float* out, int n, float eps) {
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int i = 0; i < n; ++i) out[i] = (x[i] * r) * w[i];
 }
 
 // ---- log-sum-exp and entropy of a row of logits ----------------------------------------------
@@ -331,15 +367,17 @@ class SwiGLU : public CpuUnary {
   using CpuUnary::CpuUnary;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    auto& encoder = prepare(inputs, out);
-    const auto& g = inputs[0];
-    const auto& u = inputs[1];
-    const float* gp = g.data<float>();
-    const float* up = u.data<float>();
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
     float* op = out.data<float>();
-    int n = static_cast<int>(g.shape(-1));
-    size_t rows = g.size() / n;
-    encoder.dispatch([=]() {
+    int n = static_cast<int>(inputs[0].shape(-1));
+    size_t rows = inputs[0].size() / n;
+    encoder.dispatch([=, g = inputs[0], u = inputs[1]]() {
+      std::vector<float> g_rows, u_rows;  // strided inputs gathered here, not by graph nodes
+      const float* gp = octomil::row_major(g, g_rows);
+      const float* up = octomil::row_major(u, u_rows);
       bool avx2 = cpu_has_avx2();
       for (size_t r = 0; r < rows; ++r) {
         if (avx2)
@@ -351,6 +389,40 @@ class SwiGLU : public CpuUnary {
   }
   const char* name() const override { return "OctomilSwiGLU"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class RmsNorm : public CpuUnary {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : CpuUnary(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    float* op = out.data<float>();
+    const int n = static_cast<int>(inputs[0].shape(-1));
+    const size_t rows = inputs[0].size() / n;
+    encoder.dispatch([=, x = inputs[0], w = inputs[1], eps = eps_]() {
+      std::vector<float> x_rows, w_row;  // strided inputs gathered here, not by graph nodes
+      const float* xp = octomil::row_major(x, x_rows);
+      const float* wp = octomil::row_major(w, w_row);
+      const bool avx2 = cpu_has_avx2();
+      for (size_t r = 0; r < rows; ++r) {
+        if (avx2)
+          rms_norm_row_avx2(xp + r * n, wp, op + r * n, n, eps);
+        else
+          rms_norm_row_scalar(xp + r * n, wp, op + r * n, n, eps);
+      }
+    });
+  }
+  const char* name() const override { return "OctomilRmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return static_cast<const RmsNorm&>(other).eps_ == eps_;
+  }
+
+ private:
+  float eps_;
 };
 
 // A (1, KV, cap, hd) cache buffer as row-contiguous floats: its own data when it is, else a copy.
@@ -367,9 +439,29 @@ void copy_rows(const mx::array& a, float* dst) {
       for (int d = 0; d < a.shape(3); ++d) dst[o++] = src[h * st[1] + t * st[2] + d * st[3]];
 }
 
-// Writes each segment's new key/value rows into its sequence's cache buffer (outputs 1..2n), then
-// attends each query row to its own sequence's keys up to and including its own position (output
-// 0). A row is computed by the same code whether its segment has one row or several.
+// One row's heads (heads x hd floats) rotated by RoPE and scaled: out[d] = (x[d] * cos[d] +
+// x[partner[d]] * sin[d]) * scale, the operations (and roundings) of octomil.models.rope_table's
+// table rotation followed by the query's scaling; without tables (cos null) out = x * scale.
+void rotate_heads(const float* x, float* out, int heads, int hd, const float* cos,
+                  const float* sin, const uint32_t* partner, float scale) {
+  for (int h = 0; h < heads; ++h, x += hd, out += hd) {
+    if (cos == nullptr) {
+      for (int d = 0; d < hd; ++d) out[d] = scale == 1.0f ? x[d] : x[d] * scale;
+      continue;
+    }
+    for (int d = 0; d < hd; ++d) {
+      const float rotated = x[d] * cos[d] + x[partner[d]] * sin[d];
+      out[d] = scale == 1.0f ? rotated : rotated * scale;
+    }
+  }
+}
+
+// Rotates a step's new query and key rows by RoPE from the step's tables (when given) and scales
+// the queries, writes each segment's new key/value rows into its sequence's cache buffer (outputs
+// 1..2n), then attends each query row to its own sequence's keys up to and including its own
+// position (output 0). A row is computed by the same code whether its segment has one row or
+// several. Taking the projections as they come (any strides) and rotating here keeps a layer's
+// attention one graph node instead of ~25 (reshapes, slices, the rotation, the scaling, copies).
 //
 // A cache buffer is append-only: every array of one sequence's cache at one layer reads only the
 // positions before that cache's offset at the time, and a step writes only at and after it. So
@@ -381,25 +473,29 @@ void copy_rows(const mx::array& a, float* dst) {
 // offset back only after its step is evaluated, and nothing keeps an older array of the cache.
 class DecodeAttention : public mx::Primitive {
  public:
-  DecodeAttention(mx::Stream stream, std::vector<int> rows, std::vector<int> lengths, int kv_heads)
+  DecodeAttention(mx::Stream stream, std::vector<int> rows, std::vector<int> lengths, int heads,
+                  int kv_heads, int head_dim, float scale, bool rope)
       : mx::Primitive(stream),
         rows_(std::move(rows)),
         lengths_(std::move(lengths)),
-        kv_heads_(kv_heads) {}
+        heads_(heads),
+        kv_heads_(kv_heads),
+        hd_(head_dim),
+        scale_(scale),
+        rope_(rope) {}
 
-  // inputs: q (R, H, hd) scaled, k (R, KV, hd), v (R, KV, hd), then K_0..K_{n-1}, V_0..V_{n-1}
-  // (each (1, KV, cap_i, hd)); outputs: attention (R, H, hd), then the updated K_i, V_i.
+  // inputs: q (R H hd floats, any shape and strides), k and v (R KV hd), with rope cos and signed
+  // sin (R, hd) and partner (hd,) uint32, then K_0..K_{n-1}, V_0..V_{n-1} (each (1, KV, cap_i,
+  // hd)); outputs: attention (q's shape), then the updated K_i, V_i.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    require_row_contiguous({inputs[0], inputs[1], inputs[2]});
-    const auto& q = inputs[0];
-    const int n = static_cast<int>(rows_.size()), heads = static_cast<int>(q.shape(1));
-    const int hd = static_cast<int>(q.shape(2)), rep = heads / kv_heads_;
+    const int n = static_cast<int>(rows_.size()), hd = hd_, rep = heads_ / kv_heads_;
+    const int first_cache = rope_ ? 6 : 3;
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
     outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
     std::vector<std::pair<mx::array, mx::array>> copies;  // by value: they outlive this call
     for (int c = 0; c < 2 * n; ++c) {
-      const auto& in = inputs[3 + c];
+      const auto& in = inputs[first_cache + c];
       auto& out = outputs[1 + c];
       if (in.flags().row_contiguous) {
         out.copy_shared_buffer(in);
@@ -409,10 +505,12 @@ class DecodeAttention : public mx::Primitive {
       }
     }
     for (auto& o : outputs) encoder.set_output_array(o);
+    const size_t total = inputs[0].size() / (static_cast<size_t>(heads_) * hd);
+    // The query rows rotated and scaled, and the new key rows rotated, by the task below; the
+    // jobs point into these buffers (moved into the task: their data stays where it is).
+    std::vector<float> q_rows(total * heads_ * hd), k_rows(total * kv_heads_ * hd);
     std::vector<AttentionJob> jobs;
-    std::vector<std::pair<float*, const float*>> writes;  // (cache row, new row) per head
-    const float* kn = inputs[1].data<float>();
-    const float* vn = inputs[2].data<float>();
+    std::vector<std::pair<float*, size_t>> writes;  // (cache row, offset of its new row) per head
     size_t row = 0;
     for (int i = 0; i < n; ++i) {
       auto& k = outputs[1 + i];
@@ -423,19 +521,41 @@ class DecodeAttention : public mx::Primitive {
         const size_t pos = first + j;
         for (int g = 0; g < kv_heads_; ++g) {
           const size_t fresh = (row * kv_heads_ + g) * hd;
-          writes.emplace_back(k.data<float>() + (g * cap + pos) * hd, kn + fresh);
-          writes.emplace_back(v.data<float>() + (g * cap + pos) * hd, vn + fresh);
-          const size_t qoff = (row * heads + g * rep) * hd;
-          jobs.push_back({q.data<float>() + qoff, k.data<float>() + g * cap * hd,
+          writes.emplace_back(k.data<float>() + (g * cap + pos) * hd, fresh);
+          writes.emplace_back(v.data<float>() + (g * cap + pos) * hd, fresh);
+          const size_t qoff = (row * heads_ + g * rep) * hd;
+          jobs.push_back({q_rows.data() + qoff, k.data<float>() + g * cap * hd,
                           v.data<float>() + g * cap * hd, outputs[0].data<float>() + qoff, rep,
                           hd, static_cast<int>(pos) + 1});
         }
       }
     }
     encoder.dispatch([copies = std::move(copies), writes = std::move(writes),
-                      jobs = std::move(jobs), hd]() mutable {
+                      jobs = std::move(jobs), q_rows = std::move(q_rows),
+                      k_rows = std::move(k_rows), q = inputs[0], k = inputs[1], v = inputs[2],
+                      cos = rope_ ? inputs[3] : inputs[0], sin = rope_ ? inputs[4] : inputs[0],
+                      partner = rope_ ? inputs[5] : inputs[0], rope = rope_, scale = scale_,
+                      heads = heads_, kv_heads = kv_heads_, hd, total]() mutable {
       for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
-      for (auto& [dst, fresh] : writes) std::memcpy(dst, fresh, hd * sizeof(float));
+      std::vector<float> q_in, k_in, v_in;  // strided inputs gathered here, not by graph nodes
+      const float* qp = octomil::row_major(q, q_in);
+      const float* kp = octomil::row_major(k, k_in);
+      const float* vp = octomil::row_major(v, v_in);
+      std::vector<float> cos_in, sin_in;
+      std::vector<uint32_t> partner_in;
+      const float* cp = rope ? octomil::row_major(cos, cos_in) : nullptr;
+      const float* sp = rope ? octomil::row_major(sin, sin_in) : nullptr;
+      const uint32_t* pp = rope ? octomil::row_major(partner, partner_in) : nullptr;
+      for (size_t r = 0; r < total; ++r) {
+        rotate_heads(qp + r * heads * hd, q_rows.data() + r * heads * hd, heads, hd,
+                     rope ? cp + r * hd : nullptr, rope ? sp + r * hd : nullptr, pp, scale);
+        rotate_heads(kp + r * kv_heads * hd, k_rows.data() + r * kv_heads * hd, kv_heads, hd,
+                     rope ? cp + r * hd : nullptr, rope ? sp + r * hd : nullptr, pp, 1.0f);
+      }
+      for (size_t w = 0; w < writes.size(); w += 2) {
+        std::memcpy(writes[w].first, k_rows.data() + writes[w].second, hd * sizeof(float));
+        std::memcpy(writes[w + 1].first, vp + writes[w + 1].second, hd * sizeof(float));
+      }
       const bool avx2 = cpu_has_avx2() && hd % 8 == 0 && hd <= kMaxAvx2HeadDim;
       auto run = [&jobs, avx2](size_t first, size_t step) {
         std::vector<float> scratch;
@@ -470,13 +590,16 @@ class DecodeAttention : public mx::Primitive {
   const char* name() const override { return "OctomilDecodeAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const DecodeAttention&>(other);
-    return o.rows_ == rows_ && o.lengths_ == lengths_ && o.kv_heads_ == kv_heads_;
+    return o.rows_ == rows_ && o.lengths_ == lengths_ && o.heads_ == heads_ &&
+           o.kv_heads_ == kv_heads_ && o.hd_ == hd_ && o.scale_ == scale_ && o.rope_ == rope_;
   }
 
  private:
   std::vector<int> rows_;
   std::vector<int> lengths_;
-  int kv_heads_;
+  int heads_, kv_heads_, hd_;
+  float scale_;
+  bool rope_;
 };
 
 // Softmax over the last axis of (..., T, S) scores where row t may see columns 0..offset+t.
@@ -563,40 +686,63 @@ mx::array row_stats(const mx::array& x, int which) {
                    {mx::contiguous(x, false, s)});
 }
 
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  auto s = mx::to_stream(std::monostate{});
+  require_f32(x);
+  require_f32(weight);
+  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1) || x.shape(-1) < 1)
+    throw std::invalid_argument("[octomil_decode] rms_norm: x (..., D) and weight (D,)");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, weight});
+}
+
 mx::array swiglu(const mx::array& gate, const mx::array& up) {
   auto s = mx::to_stream(std::monostate{});
   if (gate.shape() != up.shape()) throw std::invalid_argument("[octomil_decode] shapes differ");
   require_f32(gate);
   require_f32(up);
-  auto g = mx::contiguous(gate, false, s);
-  auto u = mx::contiguous(up, false, s);
-  return mx::array(g.shape(), mx::float32, std::make_shared<SwiGLU>(s), {g, u});
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s), {gate, up});
 }
 
-// q: (R, H, hd) query rows already rotated; k, v: (R, KV, hd) their new key/value rows; segment i
-// owns rows[i] consecutive rows and its cache buffers keys[i]/values[i] (1, KV, cap_i, hd) hold
-// lengths[i] - rows[i] rows, the new ones going after them. Returns [attention (R, H, hd),
-// K_0', .., K_{n-1}', V_0', .., V_{n-1}'].
+// q: R query rows of H heads of hd (any shape holding R H hd floats; (R, H, hd) or (1, R, H hd));
+// k, v: their new key/value rows (R KV hd floats); segment i owns rows[i] consecutive rows and its
+// cache buffers keys[i]/values[i] (1, KV, cap_i, hd) hold lengths[i] - rows[i] rows, the new ones
+// going after them. With rope = (cos, signed sin (R, hd), partner (hd,) uint32) the kernel rotates
+// q and k (octomil.models.rope_table's tables); without, they come rotated. q is scaled here.
+// Returns [attention (q's shape), K_0', .., K_{n-1}', V_0', .., V_{n-1}'].
 std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                         const std::vector<mx::array>& keys,
                                         const std::vector<mx::array>& values,
                                         const std::vector<int>& rows,
-                                        const std::vector<int>& lengths, float scale) {
+                                        const std::vector<int>& lengths, float scale,
+                                        const std::vector<mx::array>& rope) {
   auto s = mx::to_stream(std::monostate{});
   const size_t n = keys.size();
   int total = 0;
   for (int r : rows) total += r;
-  if (q.ndim() != 3 || q.shape(0) != total || values.size() != n || lengths.size() != n ||
-      rows.size() != n || n == 0)
+  if (values.size() != n || lengths.size() != n || rows.size() != n || n == 0 ||
+      keys[0].ndim() != 4)
     throw std::invalid_argument(
-        "[octomil_decode] q must be (sum(rows), H, hd) with one keys/values/rows/length each");
-  const int kv = static_cast<int>(keys[0].shape(1)), hd = static_cast<int>(q.shape(2));
-  if (q.shape(1) % kv) throw std::invalid_argument("[octomil_decode] heads % kv_heads != 0");
-  const mx::Shape new_rows{total, kv, hd};
-  if (k.shape() != new_rows || v.shape() != new_rows)
+        "[octomil_decode] one keys/values/rows/length each, keys (1, KV, cap, hd)");
+  const int kv = static_cast<int>(keys[0].shape(1)), hd = static_cast<int>(keys[0].shape(3));
+  const size_t per_row = static_cast<size_t>(total) * hd;
+  if (per_row == 0 || q.size() % per_row || q.size() / per_row % kv)
+    throw std::invalid_argument(
+        "[octomil_decode] q must hold sum(rows) x heads x head_dim floats, heads % kv_heads == 0");
+  const int heads = static_cast<int>(q.size() / per_row);
+  if (k.size() != per_row * kv || v.size() != per_row * kv)
     throw std::invalid_argument("[octomil_decode] k and v must be (sum(rows), kv_heads, head_dim)");
-  std::vector<mx::array> inputs{mx::contiguous(mx::multiply(q, mx::array(scale), s), false, s),
-                                mx::contiguous(k, false, s), mx::contiguous(v, false, s)};
+  std::vector<mx::array> inputs{q, k, v};
+  if (!rope.empty()) {
+    const mx::Shape table{total, hd};
+    if (rope.size() != 3 || rope[0].shape() != table || rope[1].shape() != table ||
+        rope[2].shape() != mx::Shape{hd} || rope[2].dtype() != mx::uint32)
+      throw std::invalid_argument(
+          "[octomil_decode] rope must be cos, sin (sum(rows), head_dim) and partner (head_dim,)");
+    require_f32(rope[0]);
+    require_f32(rope[1]);
+    // The step's tables are computed once and shared by every layer: no node per layer.
+    inputs.insert(inputs.end(), rope.begin(), rope.end());
+  }
   std::vector<mx::Shape> shapes{q.shape()};
   for (size_t i = 0; i < n; ++i) {
     const auto& buf = keys[i];
@@ -611,11 +757,13 @@ std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, 
     inputs.push_back(values[i]);
     shapes.push_back(values[i].shape());
   }
-  for (const auto& a : inputs) require_f32(a);
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (rope.empty() || i != 5) require_f32(inputs[i]);
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
-  return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
-                                std::make_shared<DecodeAttention>(s, rows, lengths, kv),
-                                std::move(inputs));
+  return mx::array::make_arrays(
+      std::move(shapes), std::move(dtypes),
+      std::make_shared<DecodeAttention>(s, rows, lengths, heads, kv, hd, scale, !rope.empty()),
+      std::move(inputs));
 }
 
 }  // namespace
@@ -623,11 +771,14 @@ std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, 
 NB_MODULE(_octomil_decode, m) {
   m.doc() = "Octomil's decode kernels for MLX's CPU backend (see decode_kernels.cpp)";
   m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), "silu(gate) * up");
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
+        "(x * rsqrt(mean(x^2) + eps)) * weight over the last axis, one row at a time.");
   m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("keys"), nb::arg("values"), nb::arg("rows"), nb::arg("lengths"),
-        nb::arg("scale"),
-        "Write each segment's new key/value rows, then attend each query row causally to its own "
-        "sequence's cache: [attention, updated keys..., updated values...].");
+        nb::arg("scale"), nb::arg("rope") = std::vector<mx::array>{},
+        "Rotate (rope = [cos, sin, partner]) and scale the new rows, write each segment's new "
+        "key/value rows, then attend each query row causally to its own sequence's cache: "
+        "[attention, updated keys..., updated values...].");
   m.def("logsumexp", [](const mx::array& x) { return row_stats(x, 0); }, nb::arg("x"),
         "log-sum-exp over the last axis (the axis removed).");
   m.def("entropy", [](const mx::array& x) { return row_stats(x, 1); }, nb::arg("x"),
