@@ -1,7 +1,9 @@
 """``--dtype q8|q4`` (``octomil.quant.modules``): the model's products on Octomil's kernel.
 
 Pinned: the same logits as mlx's own quantized modules on the same weights (MLX's product, within
-fp32 rounding: 1e-4 of the logits' scale), a 4-bit checkpoint kept bit for bit under q4, its
+fp32 rounding: 1e-4 of the logits' scale, with a kernel on fp32 activations: the int8 kernels'
+rounding of the inputs is bounded product by product in test_qmm_kernel.py), a 4-bit checkpoint
+kept bit for bit under q4, its
 4-bit levels held under q8, the head at 8 bits, the float32 fallback without the kernel, and (in a
 fresh process) that every projection and the head of a forward pass run the kernel."""
 
@@ -32,9 +34,18 @@ def _logits(model: nn.Module, tokens: mx.array) -> mx.array:
     return model(tokens)
 
 
+@pytest.fixture
+def float_activations():
+    """The fastest kernel on fp32 activations this CPU has, for this test only."""
+    best = kernel.isa()
+    assert any(kernel.select_isa(name) for name in ("avx512", "avx2", "generic"))
+    yield
+    assert kernel.select_isa(best)
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # tied head, untied lm_head
-def test_logits_match_mlx_quantized_modules_on_the_same_weights(fmt, family):
+def test_logits_match_mlx_quantized_modules_on_the_same_weights(fmt, family, float_activations):
     ours, stock = make_tiny_model(family), make_tiny_model(family)
     convert_precision(ours, fmt)
     convert_precision(stock, fmt, stock=True)

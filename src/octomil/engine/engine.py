@@ -35,6 +35,7 @@ from octomil.models.layout import COMPACT
 from octomil.models.loader import LoadedModel
 from octomil.models.loader import load as load_model
 from octomil.policy_file import NeverExit
+from octomil.quant import kernel as qmm
 
 log = logging.getLogger(__name__)
 NO_EARLY_EXIT = EarlyExitSettings()  # frozen: safe as a shared default
@@ -146,6 +147,8 @@ class Engine:
         weights = self.loaded.native_layout if weights == "native" else weights
         if self.loaded.layout.transposed:
             weights += " (in, out)"
+        if weights in ("q8", "q4"):
+            weights += f" ({qmm.isa()} kernel)"
         return (
             f"mlx ({how}) on {device} ({platform.machine()}): {weights} weights, "
             f"{blas.describe()}, {decode.status()}"

@@ -3,7 +3,8 @@
 The extension is an MLX C++ extension the way MLX intends one (a custom primitive with a CPU eval,
 MLX's CMake config from the installed wheel, nanobind for the binding), built once per source
 version into the user cache. It carries every instruction-set variant and picks one at run time.
-It shares the few-row BLAS route's worker thread code (``pool.c``), compiled in a second time.
+It shares the few-row BLAS route's worker thread code (``pool.c``), compiled in a second time,
+and the decode kernels' gathering of strided inputs (``strided_rows.h``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from octomil.native_extension import built_extension as _build
 
 MODULE = "_octomil_qmm"
 _SHARED = ("pool.c", "native.h")
+_SHARED_WITH_DECODE = ("strided_rows.h",)
 
 
 def built_extension() -> Path:
@@ -32,4 +34,6 @@ def _sources() -> dict[str, bytes]:
     }
     blas = resources.files("octomil.blas").joinpath("native")
     files.update({name: blas.joinpath(name).read_bytes() for name in _SHARED})
+    kernels = resources.files("octomil.kernels").joinpath("native")
+    files.update({name: kernels.joinpath(name).read_bytes() for name in _SHARED_WITH_DECODE})
     return files

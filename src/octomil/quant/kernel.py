@@ -4,6 +4,8 @@
 MLX affine 4/8-bit weights (MLX's packing: ``w`` uint32 (n, k * bits / 32), scales and biases
 (n, k / group_size), both fp32 or both fp16) with fp32 activations, as a lazy MLX op. Up to
 ``max_rows()`` rows read the weights once for all rows; more rows dequantize blocks for sgemm.
+On x86 CPUs with AVX2 the few-row kernel rounds each block of 32 inputs to int8 (llama.cpp's
+trade, with centred codes; ``activations()`` says which); prefill keeps fp32 activations.
 
 Without cmake/a C++ compiler/nanobind, or with ``OCTOMIL_NO_QMM=1``, ``available()`` is False with
 a one-line ``reason()`` and the loader keeps fp32 weights.
@@ -80,8 +82,14 @@ def max_rows() -> int:
 
 
 def isa() -> str:
-    """The instruction set the kernel runs with on this CPU: avx512, avx2 or generic."""
+    """The few-row kernel this CPU runs: avx512vnni-int8, avxvnni-int8, avx2-int8 (int8
+    activations), avx512, avx2 or generic (fp32 activations); ``OCTOMIL_QMM_ISA`` picks one."""
     return str(_required().isa())
+
+
+def activations() -> str:
+    """What the few-row kernel multiplies the weights with: "int8" or "float32" rows."""
+    return "int8" if isa().endswith("-int8") else "float32"
 
 
 def select_isa(name: str) -> bool:
@@ -97,4 +105,7 @@ def calls(prefill: bool = False) -> int:
 def describe() -> str:
     if not available():
         return f"quantized kernel unavailable: {_reason}"
-    return f"octomil qmm ({isa()}, 1-{max_rows()} rows few-row kernel, more via sgemm)"
+    return (
+        f"octomil qmm ({isa()}, 1-{max_rows()} rows few-row kernel on {activations()} "
+        "activations, more via sgemm)"
+    )

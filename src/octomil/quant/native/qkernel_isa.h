@@ -85,15 +85,15 @@ TARGET static inline __attribute__((always_inline)) void FN(tile)(const qctx *c,
     for (; o < o_end; ++o) TILE_SWITCH(1, bits)                           \
   } while (0)
 
-/* Outputs [chunk * QMM_CHUNK_COLS, ...): for each tile of rows, the chunk's outputs C at a time
+/* Outputs [chunk * c->chunk_cols, ...): for each tile of rows, the chunk's outputs C at a time
  * (the chunk's codes stay in cache for the next tile of rows). */
 TARGET static void FN(rows_chunk)(const void *arg, int chunk) {
   const qctx *c = (const qctx *)arg;
   const qmm_job *j = c->job;
-  const int o_end = (chunk + 1) * QMM_CHUNK_COLS < j->n ? (chunk + 1) * QMM_CHUNK_COLS : j->n;
+  const int o_end = (chunk + 1) * c->chunk_cols < j->n ? (chunk + 1) * c->chunk_cols : j->n;
   for (int r0 = 0; r0 < j->rows; r0 += TR) {
     const int R = j->rows - r0 < TR ? j->rows - r0 : TR;
-    int o = chunk * QMM_CHUNK_COLS;
+    int o = chunk * c->chunk_cols;
     if (j->bits == 4) {
       CHUNK_BODY(4);
     } else {

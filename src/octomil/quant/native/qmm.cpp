@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 
 #include <sstream>
+#include <vector>
 #include <stdexcept>
 
 #include "mlx/allocator.h"
@@ -16,6 +17,7 @@
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 #include "qkernel.h"
+#include "strided_rows.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -32,9 +34,9 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
     const auto& w = inputs[1];
     const auto& scales = inputs[2];
     const auto& biases = inputs[3];
-    for (const auto& a : inputs)
-      if (!a.flags().row_contiguous)
-        throw std::runtime_error("[octomil_qmm] inputs must be row-contiguous");
+    for (size_t i = 1; i < inputs.size(); ++i)
+      if (!inputs[i].flags().row_contiguous)
+        throw std::runtime_error("[octomil_qmm] weights must be row-contiguous");
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.set_input_array(x);
@@ -43,18 +45,21 @@ class QuantizedRowsMatmul : public mx::UnaryPrimitive {
     encoder.set_input_array(biases);
     encoder.set_output_array(out);
     qmm_job job{};
-    job.rows = static_cast<int>(x.shape(0));
-    job.n = static_cast<int>(out.shape(1));
-    job.k = static_cast<int>(x.shape(1));
+    job.k = static_cast<int>(x.shape(-1));
+    job.rows = static_cast<int>(x.size() / job.k);
+    job.n = static_cast<int>(out.shape(-1));
     job.bits = bits_;
     job.group_size = group_size_;
-    job.x = x.data<float>();
     job.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
     job.half_scales = scales.dtype() == mx::float16;
     job.scales = scales.data<void>();
     job.biases = biases.data<void>();
     job.out = out.data<float>();
-    encoder.dispatch([job]() {
+    // A strided x (a slice, a transpose) is gathered on the stream's thread: cheaper than a
+    // Contiguous node per product in the graph, which every decode step would pay for.
+    encoder.dispatch([job, x]() mutable {
+      std::vector<float> scratch;
+      job.x = octomil::row_major(x, scratch);
       if (!qmm_run(&job)) throw std::runtime_error("[octomil_qmm] unsupported product shape");
     });
   }
@@ -120,14 +125,11 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
     throw std::invalid_argument("[octomil_qmm] scales and biases must be both float32 or float16");
   auto out_shape = x.shape();
   out_shape.back() = n;
-  auto rows = x.size() / k;
-  auto x2 = mx::contiguous(
-      mx::reshape(mx::astype(x, mx::float32, stream), {static_cast<int>(rows), k}, stream), false,
-      stream);
-  auto out = mx::array(
-      {static_cast<int>(rows), n}, mx::float32,
-      std::make_shared<QuantizedRowsMatmul>(stream, group_size, bits), {x2, w, scales, biases});
-  return mx::reshape(out, out_shape, stream);
+  // No reshape or copy nodes: the primitive takes x as it is (any leading shape, any strides).
+  auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream);
+  return mx::array(out_shape, mx::float32,
+                   std::make_shared<QuantizedRowsMatmul>(stream, group_size, bits),
+                   {xf, w, scales, biases});
 }
 
 }  // namespace
