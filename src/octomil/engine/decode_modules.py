@@ -53,8 +53,8 @@ def eligible(attention: nn.Module, rows: int, cache: Any, dtype: mx.Dtype) -> bo
 def attend(
     attention: nn.Module,
     queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
+    keys: mx.array | None,
+    values: mx.array | None,
     rows: Sequence[int],
     caches: Sequence[Any],
 ) -> mx.array:
@@ -65,14 +65,19 @@ def attend(
     as the projections return them, or ``(R, features)``. The kernel takes them as they are and
     rotates and scales them itself from the step's RoPE tables, so a layer's attention is one
     graph node (MLX spends a few microseconds of scheduling on every node of a step's graph).
+    ``keys`` and ``values`` None: ``queries`` is a fused q/k/v product, each row's q, k and v
+    after each other (``octomil.quant.fused``).
     """
     total = sum(rows)
     kv_heads = attention.n_kv_heads
-    head_dim = keys.shape[-1] // kv_heads
+    if keys is None:
+        head_dim = queries.shape[-1] // (attention.n_heads + 2 * kv_heads)
+    else:
+        head_dim = keys.shape[-1] // kv_heads
     positions = tuple(c.offset + j for c, n in zip(caches, rows, strict=True) for j in range(n))
     cos, sin, partner = attention.rope.tables.rows(positions, head_dim)
     for cache, n in zip(caches, rows, strict=True):
-        _reserve_rows(cache, n, kv_heads, head_dim, values.shape[-1] // kv_heads)
+        _reserve_rows(cache, n, kv_heads, head_dim, head_dim)
     out, *buffers = decode.extension().decode_attention(  # type: ignore[union-attr]
         queries,
         keys,

@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from octomil.engine.decode_modules import attend, eligible
+from octomil.quant.fused import fused_of
 
 _INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
 
@@ -87,13 +88,19 @@ class _RaggedAttention(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         attn = self._attention
         originals = {n: attn[n] for n in (*self._names, "o_proj")}
-        projected = [originals[n](x) for n in self._names]
         segments = self._segments
         grouped = [
             k for k, s in enumerate(segments) if eligible(attn, s.stop - s.start, s.cache, x.dtype)
         ]
         rows = [segments[k].stop - segments[k].start for k in grouped]
         caches = [segments[k].cache for k in grouped]
+        fused = fused_of(attn, self._names)
+        if fused is not None and not fused.few_rows(x):
+            fused = None  # bitwise the separate products only within the few-row kernel
+        if fused is not None and len(grouped) == len(segments):
+            # one q/k/v product, its rows read by the kernel as they are
+            return originals["o_proj"](attend(attn, fused(x), None, None, rows, caches))
+        projected = fused.split(fused(x)) if fused else [originals[n](x) for n in self._names]
         if len(grouped) == len(segments):  # every segment attends through the kernel
             return originals["o_proj"](attend(attn, *projected, rows, caches))
         outputs = self._family_attention(x, projected, originals)

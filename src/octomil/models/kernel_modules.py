@@ -23,6 +23,7 @@ from mlx_lm.models import llama, qwen2
 from mlx_lm.models.cache import KVCache
 
 from octomil.kernels import decode
+from octomil.quant.fused import GATE_UP, fused_of
 
 
 def _kernel_attention(self: Any, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
@@ -70,6 +71,9 @@ class _KernelMLP:
         ext = decode.extension()
         if ext is None or x.dtype != mx.float32:
             return super().__call__(x)  # type: ignore[misc]
+        fused = fused_of(self, GATE_UP)  # type: ignore[arg-type]
+        if fused is not None and fused.few_rows(x):  # one product; the kernel reads its rows
+            return self.down_proj(ext.swiglu(fused(x)))  # type: ignore[attr-defined]
         return self.down_proj(ext.swiglu(self.gate_proj(x), self.up_proj(x)))  # type: ignore[attr-defined]
 
 

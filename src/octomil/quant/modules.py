@@ -12,7 +12,9 @@ own precision. 4-bit weights under ``q8`` become level 16 q at step s / 16 in th
 (a power of two: exact in fp16 too, so every 4-bit weight is kept bit for bit; fp32 scales where
 fp16 would round). Float weights are quantized with MLX's ``mx.quantize`` (fp32 scales). The head
 stays at 8 bits (or its checkpoint's own 4/8 bits): it decides every token and is a fifth of the
-weights. Activations are fp32.
+weights. Activations are fp32 in and out; the few-row kernel rounds them to int8 inside on AVX2
+(``octomil.quant.kernel``). Each attention's q/k/v and each MLP's gate/up also get one fused
+product for decode steps (``octomil.quant.fused``).
 """
 
 from __future__ import annotations
@@ -169,4 +171,8 @@ def compact_model(model: nn.Module, fmt: str, *, stock: bool = False) -> dict[st
             for key in ("weight", "scales", "biases"):
                 module[key] = mx.contiguous(module[key])  # the kernel reads rows directly
     mx.eval(model.parameters())
+    if not stock:
+        from octomil.quant.fused import fuse_projections
+
+        counts["fused"] = fuse_projections(model)
     return counts

@@ -17,6 +17,7 @@
 // copy — so a sequence's numbers never depend on its neighbours (batching stays exact).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
 #include <thread>
@@ -362,6 +364,7 @@ class CpuUnary : public mx::UnaryPrimitive {
   }
 };
 
+// silu(gate) * up per row; with one input, each row holds gate then up (a fused gate/up product).
 class SwiGLU : public CpuUnary {
  public:
   using CpuUnary::CpuUnary;
@@ -372,18 +375,19 @@ class SwiGLU : public CpuUnary {
     for (const auto& a : inputs) encoder.set_input_array(a);
     encoder.set_output_array(out);
     float* op = out.data<float>();
-    int n = static_cast<int>(inputs[0].shape(-1));
-    size_t rows = inputs[0].size() / n;
-    encoder.dispatch([=, g = inputs[0], u = inputs[1]]() {
+    const bool packed = inputs.size() == 1;
+    const int n = static_cast<int>(out.shape(-1));
+    const size_t rows = out.size() / n, stride = packed ? 2 * n : n;
+    encoder.dispatch([=, g = inputs[0], u = inputs[packed ? 0 : 1]]() {
       std::vector<float> g_rows, u_rows;  // strided inputs gathered here, not by graph nodes
       const float* gp = octomil::row_major(g, g_rows);
-      const float* up = octomil::row_major(u, u_rows);
+      const float* up = packed ? gp + n : octomil::row_major(u, u_rows);
       bool avx2 = cpu_has_avx2();
       for (size_t r = 0; r < rows; ++r) {
         if (avx2)
-          swiglu_row_avx2(gp + r * n, up + r * n, op + r * n, n);
+          swiglu_row_avx2(gp + r * stride, up + r * stride, op + r * n, n);
         else
-          swiglu_row_scalar(gp + r * n, up + r * n, op + r * n, n);
+          swiglu_row_scalar(gp + r * stride, up + r * stride, op + r * n, n);
       }
     });
   }
@@ -474,7 +478,7 @@ void rotate_heads(const float* x, float* out, int heads, int hd, const float* co
 class DecodeAttention : public mx::Primitive {
  public:
   DecodeAttention(mx::Stream stream, std::vector<int> rows, std::vector<int> lengths, int heads,
-                  int kv_heads, int head_dim, float scale, bool rope)
+                  int kv_heads, int head_dim, float scale, bool rope, bool packed)
       : mx::Primitive(stream),
         rows_(std::move(rows)),
         lengths_(std::move(lengths)),
@@ -482,14 +486,16 @@ class DecodeAttention : public mx::Primitive {
         kv_heads_(kv_heads),
         hd_(head_dim),
         scale_(scale),
-        rope_(rope) {}
+        rope_(rope),
+        packed_(packed) {}
 
-  // inputs: q (R H hd floats, any shape and strides), k and v (R KV hd), with rope cos and signed
-  // sin (R, hd) and partner (hd,) uint32, then K_0..K_{n-1}, V_0..V_{n-1} (each (1, KV, cap_i,
-  // hd)); outputs: attention (q's shape), then the updated K_i, V_i.
+  // inputs: q (R H hd floats, any shape and strides), k and v (R KV hd) -- or, packed, one array
+  // whose rows hold a row's q, k and v after each other (a fused q/k/v product) --, with rope cos
+  // and signed sin (R, hd) and partner (hd,) uint32, then K_0..K_{n-1}, V_0..V_{n-1} (each (1,
+  // KV, cap_i, hd)); outputs: attention (R, H hd; q's shape unpacked), then the updated K_i, V_i.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const int n = static_cast<int>(rows_.size()), hd = hd_, rep = heads_ / kv_heads_;
-    const int first_cache = rope_ ? 6 : 3;
+    const int first_cache = (packed_ ? 1 : 3) + (rope_ ? 3 : 0);
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
     outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
@@ -505,12 +511,12 @@ class DecodeAttention : public mx::Primitive {
       }
     }
     for (auto& o : outputs) encoder.set_output_array(o);
-    const size_t total = inputs[0].size() / (static_cast<size_t>(heads_) * hd);
+    const size_t total = outputs[0].size() / (static_cast<size_t>(heads_) * hd);
     // The query rows rotated and scaled, and the new key rows rotated, by the task below; the
     // jobs point into these buffers (moved into the task: their data stays where it is).
     std::vector<float> q_rows(total * heads_ * hd), k_rows(total * kv_heads_ * hd);
     std::vector<AttentionJob> jobs;
-    std::vector<std::pair<float*, size_t>> writes;  // (cache row, offset of its new row) per head
+    std::vector<std::pair<float*, size_t>> writes;  // (cache row, new row * KV + head) per head
     size_t row = 0;
     for (int i = 0; i < n; ++i) {
       auto& k = outputs[1 + i];
@@ -520,9 +526,8 @@ class DecodeAttention : public mx::Primitive {
       for (int j = 0; j < rows_[i]; ++j, ++row) {
         const size_t pos = first + j;
         for (int g = 0; g < kv_heads_; ++g) {
-          const size_t fresh = (row * kv_heads_ + g) * hd;
-          writes.emplace_back(k.data<float>() + (g * cap + pos) * hd, fresh);
-          writes.emplace_back(v.data<float>() + (g * cap + pos) * hd, fresh);
+          writes.emplace_back(k.data<float>() + (g * cap + pos) * hd, row * kv_heads_ + g);
+          writes.emplace_back(v.data<float>() + (g * cap + pos) * hd, row * kv_heads_ + g);
           const size_t qoff = (row * heads_ + g * rep) * hd;
           jobs.push_back({q_rows.data() + qoff, k.data<float>() + g * cap * hd,
                           v.data<float>() + g * cap * hd, outputs[0].data<float>() + qoff, rep,
@@ -532,29 +537,34 @@ class DecodeAttention : public mx::Primitive {
     }
     encoder.dispatch([copies = std::move(copies), writes = std::move(writes),
                       jobs = std::move(jobs), q_rows = std::move(q_rows),
-                      k_rows = std::move(k_rows), q = inputs[0], k = inputs[1], v = inputs[2],
-                      cos = rope_ ? inputs[3] : inputs[0], sin = rope_ ? inputs[4] : inputs[0],
-                      partner = rope_ ? inputs[5] : inputs[0], rope = rope_, scale = scale_,
-                      heads = heads_, kv_heads = kv_heads_, hd, total]() mutable {
+                      k_rows = std::move(k_rows), q = inputs[0], k = inputs[packed_ ? 0 : 1],
+                      v = inputs[packed_ ? 0 : 2], tables = rope_ ? (packed_ ? 1 : 3) : -1,
+                      inputs, packed = packed_, scale = scale_, heads = heads_,
+                      kv_heads = kv_heads_, hd, total]() mutable {
       for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
       std::vector<float> q_in, k_in, v_in;  // strided inputs gathered here, not by graph nodes
       const float* qp = octomil::row_major(q, q_in);
-      const float* kp = octomil::row_major(k, k_in);
-      const float* vp = octomil::row_major(v, v_in);
+      const float* kp = packed ? qp + heads * hd : octomil::row_major(k, k_in);
+      const float* vp = packed ? kp + kv_heads * hd : octomil::row_major(v, v_in);
+      const size_t kv_row = static_cast<size_t>(kv_heads) * hd;
+      const size_t q_stride = packed ? heads * hd + 2 * kv_row : heads * hd;
+      const size_t k_stride = packed ? q_stride : kv_row;
       std::vector<float> cos_in, sin_in;
       std::vector<uint32_t> partner_in;
-      const float* cp = rope ? octomil::row_major(cos, cos_in) : nullptr;
-      const float* sp = rope ? octomil::row_major(sin, sin_in) : nullptr;
-      const uint32_t* pp = rope ? octomil::row_major(partner, partner_in) : nullptr;
+      const bool rope = tables >= 0;
+      const float* cp = rope ? octomil::row_major(inputs[tables], cos_in) : nullptr;
+      const float* sp = rope ? octomil::row_major(inputs[tables + 1], sin_in) : nullptr;
+      const uint32_t* pp = rope ? octomil::row_major(inputs[tables + 2], partner_in) : nullptr;
       for (size_t r = 0; r < total; ++r) {
-        rotate_heads(qp + r * heads * hd, q_rows.data() + r * heads * hd, heads, hd,
+        rotate_heads(qp + r * q_stride, q_rows.data() + r * heads * hd, heads, hd,
                      rope ? cp + r * hd : nullptr, rope ? sp + r * hd : nullptr, pp, scale);
-        rotate_heads(kp + r * kv_heads * hd, k_rows.data() + r * kv_heads * hd, kv_heads, hd,
+        rotate_heads(kp + r * k_stride, k_rows.data() + r * kv_row, kv_heads, hd,
                      rope ? cp + r * hd : nullptr, rope ? sp + r * hd : nullptr, pp, 1.0f);
       }
       for (size_t w = 0; w < writes.size(); w += 2) {
-        std::memcpy(writes[w].first, k_rows.data() + writes[w].second, hd * sizeof(float));
-        std::memcpy(writes[w + 1].first, vp + writes[w + 1].second, hd * sizeof(float));
+        const size_t row = writes[w].second / kv_heads, g = writes[w].second % kv_heads;
+        std::memcpy(writes[w].first, k_rows.data() + writes[w].second * hd, hd * sizeof(float));
+        std::memcpy(writes[w + 1].first, vp + row * k_stride + g * hd, hd * sizeof(float));
       }
       const bool avx2 = cpu_has_avx2() && hd % 8 == 0 && hd <= kMaxAvx2HeadDim;
       auto run = [&jobs, avx2](size_t first, size_t step) {
@@ -591,7 +601,8 @@ class DecodeAttention : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const DecodeAttention&>(other);
     return o.rows_ == rows_ && o.lengths_ == lengths_ && o.heads_ == heads_ &&
-           o.kv_heads_ == kv_heads_ && o.hd_ == hd_ && o.scale_ == scale_ && o.rope_ == rope_;
+           o.kv_heads_ == kv_heads_ && o.hd_ == hd_ && o.scale_ == scale_ && o.rope_ == rope_ &&
+           o.packed_ == packed_;
   }
 
  private:
@@ -600,6 +611,7 @@ class DecodeAttention : public mx::Primitive {
   int heads_, kv_heads_, hd_;
   float scale_;
   bool rope_;
+  bool packed_;
 };
 
 // Softmax over the last axis of (..., T, S) scores where row t may see columns 0..offset+t.
@@ -695,21 +707,30 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, weight});
 }
 
-mx::array swiglu(const mx::array& gate, const mx::array& up) {
+mx::array swiglu(const mx::array& gate, const std::optional<mx::array>& up) {
   auto s = mx::to_stream(std::monostate{});
-  if (gate.shape() != up.shape()) throw std::invalid_argument("[octomil_decode] shapes differ");
   require_f32(gate);
-  require_f32(up);
-  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s), {gate, up});
+  if (!up) {  // gate packs gate and up: (..., 2 F)
+    if (gate.ndim() < 1 || gate.shape(-1) % 2)
+      throw std::invalid_argument("[octomil_decode] packed gate/up needs an even last axis");
+    auto shape = gate.shape();
+    shape.back() /= 2;
+    return mx::array(shape, mx::float32, std::make_shared<SwiGLU>(s), {gate});
+  }
+  if (gate.shape() != up->shape()) throw std::invalid_argument("[octomil_decode] shapes differ");
+  require_f32(*up);
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s), {gate, *up});
 }
 
 // q: R query rows of H heads of hd (any shape holding R H hd floats; (R, H, hd) or (1, R, H hd));
-// k, v: their new key/value rows (R KV hd floats); segment i owns rows[i] consecutive rows and its
+// k, v: their new key/value rows (R KV hd floats), or None with q packing each row's q, k and v
+// along its last axis (a fused q/k/v product: (..., (H + 2 KV) hd)); segment i owns rows[i] consecutive rows and its
 // cache buffers keys[i]/values[i] (1, KV, cap_i, hd) hold lengths[i] - rows[i] rows, the new ones
 // going after them. With rope = (cos, signed sin (R, hd), partner (hd,) uint32) the kernel rotates
 // q and k (octomil.models.rope_table's tables); without, they come rotated. q is scaled here.
-// Returns [attention (q's shape), K_0', .., K_{n-1}', V_0', .., V_{n-1}'].
-std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+// Returns [attention (q's shape; packed: its last axis H hd), K_0', .., V_{n-1}'].
+std::vector<mx::array> decode_attention(const mx::array& q, const std::optional<mx::array>& k,
+                                        const std::optional<mx::array>& v,
                                         const std::vector<mx::array>& keys,
                                         const std::vector<mx::array>& values,
                                         const std::vector<int>& rows,
@@ -723,27 +744,38 @@ std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, 
       keys[0].ndim() != 4)
     throw std::invalid_argument(
         "[octomil_decode] one keys/values/rows/length each, keys (1, KV, cap, hd)");
+  if (k.has_value() != v.has_value())
+    throw std::invalid_argument("[octomil_decode] k and v: both, or neither (q packs all three)");
+  const bool packed = !k.has_value();
   const int kv = static_cast<int>(keys[0].shape(1)), hd = static_cast<int>(keys[0].shape(3));
   const size_t per_row = static_cast<size_t>(total) * hd;
-  if (per_row == 0 || q.size() % per_row || q.size() / per_row % kv)
+  const size_t q_heads = per_row == 0 || q.size() % per_row ? 0 : q.size() / per_row;
+  const size_t heads = packed ? (q_heads > 2u * kv ? q_heads - 2 * kv : 0) : q_heads;
+  if (heads == 0 || heads % kv || q.ndim() < 1 ||
+      (packed && static_cast<size_t>(q.shape(-1)) != (heads + 2 * kv) * hd))
     throw std::invalid_argument(
-        "[octomil_decode] q must hold sum(rows) x heads x head_dim floats, heads % kv_heads == 0");
-  const int heads = static_cast<int>(q.size() / per_row);
-  if (k.size() != per_row * kv || v.size() != per_row * kv)
+        "[octomil_decode] q must hold sum(rows) x heads x head_dim floats, heads % kv_heads == 0 "
+        "(packed: each row's q, k and v along the last axis)");
+  if (!packed && (k->size() != per_row * kv || v->size() != per_row * kv))
     throw std::invalid_argument("[octomil_decode] k and v must be (sum(rows), kv_heads, head_dim)");
-  std::vector<mx::array> inputs{q, k, v};
+  std::vector<mx::array> inputs{q};
+  if (!packed) {
+    inputs.push_back(*k);
+    inputs.push_back(*v);
+  }
+  const size_t first_table = inputs.size();
   if (!rope.empty()) {
     const mx::Shape table{total, hd};
     if (rope.size() != 3 || rope[0].shape() != table || rope[1].shape() != table ||
         rope[2].shape() != mx::Shape{hd} || rope[2].dtype() != mx::uint32)
       throw std::invalid_argument(
           "[octomil_decode] rope must be cos, sin (sum(rows), head_dim) and partner (head_dim,)");
-    require_f32(rope[0]);
-    require_f32(rope[1]);
     // The step's tables are computed once and shared by every layer: no node per layer.
     inputs.insert(inputs.end(), rope.begin(), rope.end());
   }
-  std::vector<mx::Shape> shapes{q.shape()};
+  auto out_shape = q.shape();
+  if (packed) out_shape.back() = static_cast<int>(heads) * hd;
+  std::vector<mx::Shape> shapes{out_shape};
   for (size_t i = 0; i < n; ++i) {
     const auto& buf = keys[i];
     if (buf.ndim() != 4 || buf.shape(0) != 1 || buf.shape(1) != kv || buf.shape(3) != hd ||
@@ -758,22 +790,24 @@ std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, 
     shapes.push_back(values[i].shape());
   }
   for (size_t i = 0; i < inputs.size(); ++i)
-    if (rope.empty() || i != 5) require_f32(inputs[i]);
+    if (rope.empty() || i != first_table + 2) require_f32(inputs[i]);
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
-  return mx::array::make_arrays(
-      std::move(shapes), std::move(dtypes),
-      std::make_shared<DecodeAttention>(s, rows, lengths, heads, kv, hd, scale, !rope.empty()),
-      std::move(inputs));
+  return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
+                                std::make_shared<DecodeAttention>(s, rows, lengths,
+                                                                  static_cast<int>(heads), kv, hd,
+                                                                  scale, !rope.empty(), packed),
+                                std::move(inputs));
 }
 
 }  // namespace
 
 NB_MODULE(_octomil_decode, m) {
   m.doc() = "Octomil's decode kernels for MLX's CPU backend (see decode_kernels.cpp)";
-  m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), "silu(gate) * up");
+  m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up").none() = nb::none(),
+        "silu(gate) * up (up None: gate's last axis holds gate, then up)");
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "(x * rsqrt(mean(x^2) + eps)) * weight over the last axis, one row at a time.");
-  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k").none(), nb::arg("v").none(),
         nb::arg("keys"), nb::arg("values"), nb::arg("rows"), nb::arg("lengths"),
         nb::arg("scale"), nb::arg("rope") = std::vector<mx::array>{},
         "Rotate (rope = [cos, sin, partner]) and scale the new rows, write each segment's new "
