@@ -318,3 +318,32 @@ def test_attention_rejects_tables_of_the_wrong_shape():
             0.25,
             [cos, cos, mx.arange(16, dtype=mx.uint32)],
         )
+
+
+def test_packed_rows_give_the_separate_inputs_bits():
+    """A fused product's rows: swiglu(gate|up) and attention over q|k|v rows."""
+    mx.random.seed(7)
+    gate, up = mx.random.normal((3, 40)), mx.random.normal((3, 40))
+    packed = mx.concatenate([gate, up], axis=-1)
+    assert mx.array_equal(ext.swiglu(packed), ext.swiglu(gate, up))
+    heads, kv, hd, lengths = 4, 2, 16, [5, 9]
+    rope = list(RopeTables(hd, False, 10000.0, 1.0).rows((4, 8), hd))
+    results = []
+    for packed in (True, False):  # each on its own buffers: the kernel appends in place
+        q, k_new, v_new, keys, values = step_inputs(lengths, [256, 256], heads, kv, hd, seed=8)
+        rows = [r.reshape(2, -1) for r in (q, k_new, v_new)]
+        args = (keys, values, [1, 1], lengths, 0.25, rope)
+        if packed:
+            results.append(
+                ext.decode_attention(mx.concatenate(rows, axis=-1)[None], None, None, *args)
+            )
+        else:
+            results.append(ext.decode_attention(*rows, *args))
+        mx.eval(results[-1])
+    together, apart = results
+    assert together[0].shape == (1, 2, heads * hd)
+    assert mx.array_equal(together[0][0], apart[0])
+    for a, b, length in zip(together[1:], apart[1:], lengths * 2, strict=True):
+        assert mx.array_equal(a[..., :length, :], b[..., :length, :])
+    with pytest.raises(ValueError, match="both, or neither"):
+        ext.decode_attention(rows[0], rows[1], None, *args)
