@@ -28,8 +28,11 @@ from engine_bench import cpu_model, git_commit
 from octomil.quant import kernel
 
 HERE = Path(__file__).resolve().parent
+# The separate projections, then the fused ones compact decode steps use (octomil.quant.fused:
+# q/k/v as one 960-output product, gate/up as one of 3072).
 SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
-          "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}  # fmt: skip
+          "down 576x1536": (576, 1536), "head 49152x576": (49152, 576),
+          "fused qkv 960x576": (960, 576), "fused gate_up 3072x576": (3072, 576)}  # fmt: skip
 ROWS = (1, 2, 4, 8, 16)
 LAYERS = 30
 
