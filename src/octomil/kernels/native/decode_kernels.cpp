@@ -537,15 +537,14 @@ class DecodeAttention : public mx::Primitive {
     }
     encoder.dispatch([copies = std::move(copies), writes = std::move(writes),
                       jobs = std::move(jobs), q_rows = std::move(q_rows),
-                      k_rows = std::move(k_rows), q = inputs[0], k = inputs[packed_ ? 0 : 1],
-                      v = inputs[packed_ ? 0 : 2], tables = rope_ ? (packed_ ? 1 : 3) : -1,
-                      inputs, packed = packed_, scale = scale_, heads = heads_,
-                      kv_heads = kv_heads_, hd, total]() mutable {
+                      k_rows = std::move(k_rows), inputs, tables = rope_ ? (packed_ ? 1 : 3) : -1,
+                      packed = packed_, scale = scale_, heads = heads_, kv_heads = kv_heads_, hd,
+                      total]() mutable {
       for (auto& [in, out] : copies) copy_rows(in, out.data<float>());
       std::vector<float> q_in, k_in, v_in;  // strided inputs gathered here, not by graph nodes
-      const float* qp = octomil::row_major(q, q_in);
-      const float* kp = packed ? qp + heads * hd : octomil::row_major(k, k_in);
-      const float* vp = packed ? kp + kv_heads * hd : octomil::row_major(v, v_in);
+      const float* qp = octomil::row_major(inputs[0], q_in);
+      const float* kp = packed ? qp + heads * hd : octomil::row_major(inputs[1], k_in);
+      const float* vp = packed ? kp + kv_heads * hd : octomil::row_major(inputs[2], v_in);
       const size_t kv_row = static_cast<size_t>(kv_heads) * hd;
       const size_t q_stride = packed ? heads * hd + 2 * kv_row : heads * hd;
       const size_t k_stride = packed ? q_stride : kv_row;
@@ -555,6 +554,12 @@ class DecodeAttention : public mx::Primitive {
       const float* cp = rope ? octomil::row_major(inputs[tables], cos_in) : nullptr;
       const float* sp = rope ? octomil::row_major(inputs[tables + 1], sin_in) : nullptr;
       const uint32_t* pp = rope ? octomil::row_major(inputs[tables + 2], partner_in) : nullptr;
+      std::vector<uint32_t> partner_safe;  // a lazy partner is checked only here: stay in the row
+      if (rope) {
+        partner_safe.assign(pp, pp + hd);
+        for (auto& p : partner_safe) p = p < static_cast<uint32_t>(hd) ? p : 0;
+        pp = partner_safe.data();
+      }
       for (size_t r = 0; r < total; ++r) {
         rotate_heads(qp + r * q_stride, q_rows.data() + r * heads * hd, heads, hd,
                      rope ? cp + r * hd : nullptr, rope ? sp + r * hd : nullptr, pp, scale);
@@ -724,10 +729,11 @@ mx::array swiglu(const mx::array& gate, const std::optional<mx::array>& up) {
 
 // q: R query rows of H heads of hd (any shape holding R H hd floats; (R, H, hd) or (1, R, H hd));
 // k, v: their new key/value rows (R KV hd floats), or None with q packing each row's q, k and v
-// along its last axis (a fused q/k/v product: (..., (H + 2 KV) hd)); segment i owns rows[i] consecutive rows and its
-// cache buffers keys[i]/values[i] (1, KV, cap_i, hd) hold lengths[i] - rows[i] rows, the new ones
-// going after them. With rope = (cos, signed sin (R, hd), partner (hd,) uint32) the kernel rotates
-// q and k (octomil.models.rope_table's tables); without, they come rotated. q is scaled here.
+// along its last axis (a fused q/k/v product: (..., (H + 2 KV) hd)); segment i owns rows[i]
+// consecutive rows and its cache buffers keys[i]/values[i] (1, KV, cap_i, hd) hold
+// lengths[i] - rows[i] rows, the new ones going after them. With rope = (cos, signed sin (R, hd),
+// partner (hd,) uint32) the kernel rotates q and k (octomil.models.rope_table's tables); without,
+// they come rotated. q is scaled here.
 // Returns [attention (q's shape; packed: its last axis H hd), K_0', .., V_{n-1}'].
 std::vector<mx::array> decode_attention(const mx::array& q, const std::optional<mx::array>& k,
                                         const std::optional<mx::array>& v,
@@ -770,6 +776,12 @@ std::vector<mx::array> decode_attention(const mx::array& q, const std::optional<
         rope[2].shape() != mx::Shape{hd} || rope[2].dtype() != mx::uint32)
       throw std::invalid_argument(
           "[octomil_decode] rope must be cos, sin (sum(rows), head_dim) and partner (head_dim,)");
+    if (rope[2].is_available()) {  // RopeTables' partners are; a lazy one is clamped in the task
+      const uint32_t* partner = rope[2].data<uint32_t>();
+      for (int d = 0; d < hd; ++d)
+        if (partner[d] >= static_cast<uint32_t>(hd))
+          throw std::invalid_argument("[octomil_decode] rope partner indices must be < head_dim");
+    }
     // The step's tables are computed once and shared by every layer: no node per layer.
     inputs.insert(inputs.end(), rope.begin(), rope.end());
   }

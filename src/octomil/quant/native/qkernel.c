@@ -1,18 +1,21 @@
 /*
  * Quantized products for the qmm extension: MLX affine 4- and 8-bit weights times fp32 rows.
  *
- * Decode reads every weight once per token, so bytes, not arithmetic, set the speed: 8-bit weights
- * are a quarter and 4-bit ones an eighth of fp32 (plus a scale and bias per group of 32: fp16 as
- * in the GGUF, or fp32). MLX's own CPU quantized matmul is scalar; here up to QMM_MAX_ROWS rows
- * share one read of the weights (the few-row kernel in qkernel_isa.h, split by outputs between
- * this thread and the pool's worker), with fp32 activations and arithmetic throughout.
- * (Integer dot products on int16-rounded activations, as llama.cpp's quantized kernels do with
- * int8, were measured too: no faster on AVX2 Zen 2 per row, and they round the activations.)
+ * Decode reads every weight once per token, so bytes set the speed: 8-bit weights are a quarter
+ * and 4-bit ones an eighth of fp32 (plus a scale and bias per group of 32: fp16 as in the GGUF, or
+ * fp32). MLX's own CPU quantized matmul is scalar; here up to QMM_MAX_ROWS rows share one read of
+ * the weights (the few-row kernels, split by outputs between this thread and the pool's worker).
+ * On x86 with AVX2 each block of 32 inputs of a row is rounded to int8 and meets the codes in
+ * integer dot products (qkernel_int8.h: llama.cpp's trade, a quarter of the fp32 kernel's vector
+ * work per weight and row); elsewhere, or when OCTOMIL_QMM_ISA picks one, the kernels of
+ * qkernel_isa.h keep fp32 activations and arithmetic. (int16 activations with vpmaddwd were
+ * measured first and were no faster than fp32 on Zen 2; int8 with vpmaddubsw is, at one row.)
  * Bigger products (prefill) dequantize the weights in blocks into a small fp32 buffer and hand each
  * block to cblas_sgemm (the process's: OpenBLAS behind Octomil's route), so they run at fp32 GEMM
  * speed for the cost of one extra pass over a block that stays in cache.
  *
- * Compiled for AVX-512, AVX2+FMA+F16C and plain C, picked at run time from what the CPU reports.
+ * Compiled for AVX-512 VNNI, AVX-VNNI, AVX2+FMA+F16C (int8), AVX-512 and AVX2 (fp32) and plain C,
+ * picked at run time from what the CPU reports.
  */
 
 #define _GNU_SOURCE
