@@ -354,8 +354,10 @@ class CpuUnary : public mx::UnaryPrimitive {
   }
 
  protected:
-  mx::cpu::CommandEncoder& prepare(const std::vector<mx::array>& inputs, mx::array& out) {
-    require_row_contiguous(inputs);
+  // strided: the kernel gathers strided inputs itself (octomil::row_major), so no graph node has to.
+  mx::cpu::CommandEncoder& prepare(const std::vector<mx::array>& inputs, mx::array& out,
+                                   bool strided = false) {
+    if (!strided) require_row_contiguous(inputs);
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
@@ -370,10 +372,7 @@ class SwiGLU : public CpuUnary {
   using CpuUnary::CpuUnary;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
+    auto& encoder = prepare(inputs, out, /*strided=*/true);
     float* op = out.data<float>();
     const bool packed = inputs.size() == 1;
     const int n = static_cast<int>(out.shape(-1));
@@ -400,10 +399,7 @@ class RmsNorm : public CpuUnary {
   RmsNorm(mx::Stream stream, float eps) : CpuUnary(stream), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
+    auto& encoder = prepare(inputs, out, /*strided=*/true);
     float* op = out.data<float>();
     const int n = static_cast<int>(inputs[0].shape(-1));
     const size_t rows = inputs[0].size() / n;
