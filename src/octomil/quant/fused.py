@@ -32,6 +32,7 @@ class FusedProjection:
     def __init__(self, parts: list[CompactLinear]) -> None:
         first = parts[0]
         self.group_size, self.bits = first.group_size, first.bits
+        self._max_rows = kernel.max_rows()  # asked per layer of every decode step
         self.sizes = [int(p["weight"].shape[0]) for p in parts]
         self.weight, self.scales, self.biases = (
             mx.concatenate([p[key] for p in parts]) for key in ("weight", "scales", "biases")
@@ -60,7 +61,7 @@ class FusedProjection:
     def few_rows(self, x: mx.array) -> bool:
         """Whether ``x``'s product takes the few-row kernel, where a fused product's columns
         are bitwise the separate products' (prefill's sgemm blocks differ in rounding)."""
-        return x.size <= kernel.max_rows() * x.shape[-1]
+        return x.size <= self._max_rows * x.shape[-1]
 
     def split(self, y: mx.array) -> list[mx.array]:
         """The parts' outputs of a fused output (views along the last axis)."""
